@@ -1,0 +1,1 @@
+"""Experiment results -> tables, parquet, plots, reports, exported best configs."""

@@ -1,0 +1,1 @@
+"""Ray Tune trainables: flat config dict -> typed stage configs -> stage runner -> tune.report."""
