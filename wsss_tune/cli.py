@@ -1,2 +1,172 @@
-def main():
-    pass
+"""The ``wsss-tune`` command: thin subcommands, each delegating to one library function.
+
+This is the one place that ties the library, the trainables and the analysis together; heavy
+imports (torch, ray, optuna) happen inside the commands so ``wsss-tune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from wsss_tune.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hyperparameter search for weakly supervised semantic segmentation (EPS -> AffinityNet "
+                       "random walk -> DeepLab) on Ray Tune + Optuna.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare, generate and check datasets.")
+config_app = typer.Typer(no_args_is_help=True, help="Show built-in and resolved configs.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and garbage-collect the stage-artifact cache.")
+weights_app = typer.Typer(no_args_is_help=True, help="Inspect pretrained weight files.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+app.add_typer(cache_app, name="cache")
+app.add_typer(weights_app, name="weights")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _load(config: str, overrides: list[str] | None, data: Path | None = None):
+    from wsss_tune.config import apply_overrides, load_config
+
+    cfg = load_config(config, overrides or [])
+    if data is not None:
+        cfg = apply_overrides(cfg, {"data.root": str(data.resolve())})
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------------
+
+
+@config_app.command("show")
+def config_show(
+    name: Annotated[str, typer.Argument(help="Built-in config name (synth, voc) or a YAML path.")],
+    set_: SetOpt = None,
+) -> None:
+    """Print a config fully resolved (defaults filled in, overrides applied, paths absolute)."""
+    from wsss_tune.config import dump_yaml
+
+    try:
+        typer.echo(dump_yaml(_load(name, set_)), nl=False)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """List the built-in configs."""
+    from wsss_tune.config import builtin_configs
+
+    for name, path in builtin_configs().items():
+        typer.echo(f"{name}\t{path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (VOC layout).")],
+    seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic for a seed.")] = 0,
+    preset: Annotated[str, typer.Option(help="default | hard (co-occurrence ~1.0) | tiny")] = "default",
+    n_train: Annotated[Optional[int], typer.Option(help="Training images (train_aug).")] = None,
+    n_mask_eval: Annotated[Optional[int], typer.Option(help="Of those, with GT scored for pseudo masks (train).")] = None,
+    n_val: Annotated[Optional[int], typer.Option(help="Validation images.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Object classes.")] = None,
+    cooccur: Annotated[Optional[float], typer.Option(help="P(context | class) for the co-occurrence traps.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset.")] = False,
+) -> None:
+    """Generate a synthetic dataset in the real VOC layout (images, masks, saliency, labels, lists)."""
+    from wsss_tune.data import generate_synthetic_voc
+
+    kwargs = {k: v for k, v in dict(n_train=n_train, n_mask_eval=n_mask_eval, n_val=n_val, image_size=image_size,
+                                     num_classes=num_classes, cooccur=cooccur).items() if v is not None}
+    try:
+        path = generate_synthetic_voc(out, seed=seed, preset=preset, overwrite=overwrite, **kwargs)
+    except (ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    typer.echo(f"synthetic dataset at {path}")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Dataset root (VOC layout).")],
+    saliency: Annotated[Optional[str], typer.Option(help="Saliency folder (absolute or relative to ROOT).")] = None,
+    splits: Annotated[str, typer.Option(help="Comma-separated id lists to check.")] = "train_aug,train,val",
+    label_source: Annotated[str, typer.Option(help="cls_labels | annotations | masks")] = "cls_labels",
+    no_saliency: Annotated[bool, typer.Option("--no-saliency", help="Do not check saliency maps.")] = False,
+) -> None:
+    """Validate a dataset; prints every problem with its file and exits non-zero if there is any."""
+    from wsss_tune.data import VOCLayout, check_dataset, format_problems
+
+    kwargs = {"saliency_dir": saliency} if saliency else {}
+    layout = VOCLayout(root=str(root.resolve()), label_source=label_source, **kwargs)
+    split_list = [s for s in splits.split(",") if s]
+    problems = check_dataset(layout, split_list, saliency=not no_saliency)
+    if problems:
+        typer.echo(format_problems(problems))
+        typer.secho(f"{len(problems)} problem(s) in {root}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.secho(f"ok: {root} ({', '.join(split_list)})", fg=typer.colors.GREEN)
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command("run")
+def run(
+    config: Annotated[str, typer.Argument(help="Built-in config name (synth, voc) or a YAML path.")],
+    stages: Annotated[str, typer.Option(help="Comma-separated: eps, affinity (incl. the random walk), deeplab, or all.")] = "all",
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/<config name>).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (overrides data.root).")] = None,
+    synth_if_missing: Annotated[bool, typer.Option(help="Generate the synthetic dataset if data.root is missing.")] = False,
+) -> None:
+    """Run pipeline stages once, without Ray; writes the resolved config and metrics.json."""
+    from wsss_tune.stages.pipeline import parse_stages, run_pipeline
+
+    try:
+        cfg = _load(config, set_, data)
+        stage_list = parse_stages(stages)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    out_dir = (out or Path("runs") / cfg.name).resolve()
+    if synth_if_missing and not Path(cfg.data.root).exists():
+        from wsss_tune.data import generate_synthetic_voc
+
+        generate_synthetic_voc(cfg.data.root, seed=cfg.run.seed)
+    metrics = run_pipeline(cfg, stages=stage_list, out_dir=out_dir)
+    headline = {k: v for k, v in metrics.items() if k.endswith("_miou") or k.endswith("_method")}
+    typer.echo(json.dumps(headline, indent=2, default=str))
+    typer.echo(f"run folder: {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: clear one-line errors for user mistakes instead of tracebacks."""
+    from wsss_tune.data import DataError
+
+    try:
+        app(args=argv, standalone_mode=True)
+    except (ConfigError, DataError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,239 @@
+"""Training plumbing shared by every stage runner: optimiser groups, poly LR, checkpoints, loaders.
+
+Written once here so the EPS, AffinityNet and DeepLab runners differ only in their model and loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from wsss_tune.utils.io import atomic_write_bytes
+
+__all__ = [
+    "poly_lr",
+    "build_optimizer",
+    "set_poly_lr",
+    "CheckpointManager",
+    "ResumableSampler",
+    "make_loader",
+    "capture_rng",
+    "restore_rng",
+    "StageResult",
+]
+
+
+def poly_lr(base_lr: float, step: int, max_step: int, power: float = 0.9) -> float:
+    """Polynomial decay ``base_lr * (1 - step / max_step) ** power`` (reference schedule, power 0.9)."""
+    return base_lr * (1.0 - min(step, max_step) / max_step) ** power
+
+
+def build_optimizer(
+    param_groups: Sequence[dict[str, Any]],
+    *,
+    kind: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """SGD or Adam over groups that carry an ``lr_mult`` (and optionally their own ``weight_decay``).
+
+    Each group's learning rate is ``lr * lr_mult``; :func:`set_poly_lr` keeps that ratio while decaying.
+    """
+    groups = []
+    for g in param_groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        if not params:
+            continue
+        mult = float(g.get("lr_mult", 1.0))
+        groups.append({
+            "params": params,
+            "lr": lr * mult,
+            "lr_mult": mult,
+            "weight_decay": g.get("weight_decay", weight_decay),
+            "name": g.get("name", ""),
+        })
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter group is empty or frozen")
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int, power: float) -> float:
+    """Set every group's LR to ``poly_lr(base_lr) * lr_mult``; returns the base LR at ``step``."""
+    lr = poly_lr(base_lr, step, max_step, power)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    return lr
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state and checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2]] if random.getstate()[2] is not None
+        else list(random.getstate()[1]),
+        "python_has_gauss": random.getstate()[2] is not None,
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = list(state["python"])
+    gauss = py.pop() if state.get("python_has_gauss") else None
+    random.setstate((3, tuple(int(v) for v in py), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Atomic ``step_<n>.pt`` checkpoints in one folder, keeping the newest ``keep``.
+
+    A checkpoint is a dict of tensors / plain values (model, optimizer, step, RNG), saved with
+    ``torch.save`` to a temporary file and renamed, and loaded with ``weights_only=True``.
+    """
+
+    _PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+    def __init__(self, directory: str | Path, *, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep = max(1, keep)
+
+    def steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (self._PATTERN.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{step}.pt"
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path = self.path(step)
+        atomic_write_bytes(path, buf.getvalue())
+        for old in self.steps()[: -self.keep]:
+            self.path(old).unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest readable checkpoint; an unreadable one (e.g. truncated) is skipped with a warning."""
+        for step in reversed(self.steps()):
+            try:
+                return step, torch.load(self.path(step), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not stop a resume
+                import warnings
+
+                warnings.warn(f"checkpoint {self.path(step)} is unreadable ({exc}); trying an older one",
+                              stacklevel=2)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data loading that resumes exactly
+# --------------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(Sampler[int]):
+    """Endless shuffled indices, one permutation per epoch seeded by ``(seed, epoch)``.
+
+    Starting at ``start_index`` (a count of samples already drawn) skips exactly what a run that was
+    never interrupted would have drawn, without loading those samples.
+    """
+
+    def __init__(self, n: int, *, seed: int, start_index: int = 0, shuffle: bool = True) -> None:
+        if n <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n, self.seed, self.start_index, self.shuffle = n, seed, start_index, shuffle
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start_index, self.n)
+        while True:
+            perm = self._perm(epoch)
+            for i in perm[offset:]:
+                yield int(i) + epoch * self.n  # encodes the epoch for per-sample augmentation seeds
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # pragma: no cover - endless; DataLoader only needs it for len()
+        return 2**62
+
+
+class _EpochIndexed(Dataset):
+    """Maps ``epoch * n + i`` to item ``i`` with an augmentation RNG seeded by ``(seed, epoch, i)``."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        epoch, i = divmod(index, len(self.dataset))
+        return self.dataset.get(i, np.random.default_rng([self.seed, epoch, i]))
+
+
+def make_loader(
+    dataset: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Any]:
+    """Endless training batches that continue exactly where ``start_step`` left off.
+
+    ``dataset`` provides ``__len__`` and ``get(i, rng)`` (augment item ``i`` with ``rng``), so the
+    augmentation of a sample depends on ``(seed, epoch, i)`` only, not on worker count or resume point.
+    """
+    sampler = ResumableSampler(len(dataset), seed=seed, start_index=start_step * batch_size)
+    loader = DataLoader(_EpochIndexed(dataset, seed), batch_size=batch_size, sampler=sampler,
+                        num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+@dataclass
+class StageResult:
+    """What a stage runner returns: its metrics and the folders/files it wrote."""
+
+    metrics: dict[str, Any]
+    paths: dict[str, str]
+
+    def __post_init__(self) -> None:
+        for k, v in self.metrics.items():
+            if isinstance(v, float) and math.isnan(v):
+                self.metrics[k] = float("nan")
