@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,7 +27,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(cache_app, name="cache")
 app.add_typer(weights_app, name="weights")
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -82,12 +82,12 @@ def data_synth(
     out: Annotated[Path, typer.Argument(help="Output folder (VOC layout).")],
     seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic for a seed.")] = 0,
     preset: Annotated[str, typer.Option(help="default | hard (co-occurrence ~1.0) | tiny")] = "default",
-    n_train: Annotated[Optional[int], typer.Option(help="Training images (train_aug).")] = None,
-    n_mask_eval: Annotated[Optional[int], typer.Option(help="Of those, with GT scored for pseudo masks (train).")] = None,
-    n_val: Annotated[Optional[int], typer.Option(help="Validation images.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Object classes.")] = None,
-    cooccur: Annotated[Optional[float], typer.Option(help="P(context | class) for the co-occurrence traps.")] = None,
+    n_train: Annotated[int | None, typer.Option(help="Training images (train_aug).")] = None,
+    n_mask_eval: Annotated[int | None, typer.Option(help="Of those, with GT scored for pseudo masks (train).")] = None,
+    n_val: Annotated[int | None, typer.Option(help="Validation images.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side in pixels.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Object classes.")] = None,
+    cooccur: Annotated[float | None, typer.Option(help="P(context | class) for the co-occurrence traps.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset.")] = False,
 ) -> None:
     """Generate a synthetic dataset in the real VOC layout (images, masks, saliency, labels, lists)."""
@@ -105,7 +105,7 @@ def data_synth(
 @data_app.command("check")
 def data_check(
     root: Annotated[Path, typer.Argument(help="Dataset root (VOC layout).")],
-    saliency: Annotated[Optional[str], typer.Option(help="Saliency folder (absolute or relative to ROOT).")] = None,
+    saliency: Annotated[str | None, typer.Option(help="Saliency folder (absolute or relative to ROOT).")] = None,
     splits: Annotated[str, typer.Option(help="Comma-separated id lists to check.")] = "train_aug,train,val",
     label_source: Annotated[str, typer.Option(help="cls_labels | annotations | masks")] = "cls_labels",
     no_saliency: Annotated[bool, typer.Option("--no-saliency", help="Do not check saliency maps.")] = False,
@@ -134,8 +134,8 @@ def run(
     config: Annotated[str, typer.Argument(help="Built-in config name (synth, voc) or a YAML path.")],
     stages: Annotated[str, typer.Option(help="Comma-separated: eps, affinity (incl. the random walk), deeplab, or all.")] = "all",
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/<config name>).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset root (overrides data.root).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
     synth_if_missing: Annotated[bool, typer.Option(help="Generate the synthetic dataset if data.root is missing.")] = False,
 ) -> None:
     """Run pipeline stages once, without Ray; writes the resolved config and metrics.json."""
