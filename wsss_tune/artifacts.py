@@ -1,0 +1,1105 @@
+"""Content-addressed store for stage outputs (checkpoints, CAMs, affinities, masks).
+
+An artifact is a folder of files keyed by its stage and a hash of everything upstream that produced
+it (:func:`wsss_tune.config.config_hash`), so trials that share an upstream configuration share its
+output instead of recomputing it. The store lives on a local path or on any pyarrow filesystem URI
+(``file://``, ``s3://``, ``gs://`` ...), so the processes of a Ray cluster can share one.
+
+Guarantees:
+
+* **Built once.** Processes that need the same missing artifact agree through a lock: one builds,
+  the others wait and then read its result. Local stores use an OS file lock (``filelock``), which
+  the kernel drops when its holder dies; remote stores use a lease file with the owner's pid, host
+  and a heartbeat. A holder whose heartbeat is older than ``stale_after`` (frozen, or its host is
+  gone), or whose pid no longer exists on this host, is taken over.
+* **Published atomically.** A build writes into a private temporary folder. Locally the folder is
+  renamed into place; remotely its files are uploaded and ``MANIFEST.json`` is written last.
+  Readers trust only a folder with a manifest, so a crash mid-build leaves nothing trusted.
+* **Verified on read.** The manifest lists every file's size and SHA-256; :meth:`ArtifactStore.get`
+  checks them, and a truncated or altered artifact counts as missing (and is rebuilt by
+  :meth:`ArtifactStore.get_or_create`) instead of being used.
+
+Layout under the store root::
+
+    <stage>/<digest>/MANIFEST.json      published artifact (plus its files)
+    .locks/<stage>/<digest>.lock        local OS lock (+ ``.owner`` record) / ``.lease`` remotely
+    .trash/                             local folders being deleted
+
+For a remote store, :meth:`ArtifactStore.get` returns a verified copy in a local cache folder.
+Use ``file://`` for a folder that several hosts mount (NFS): leases do not depend on the network
+filesystem honouring OS locks across hosts.
+
+The store knows nothing of Ray; a trial simply constructs one from the URI in its config.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import filelock
+import pyarrow.fs as pafs
+
+from wsss_tune.config import config_hash, to_dict
+from wsss_tune.utils.io import atomic_dir, atomic_write_bytes
+
+__all__ = [
+    "MANIFEST_NAME",
+    "ArtifactError",
+    "ArtifactWaitTimeout",
+    "ArtifactKey",
+    "Artifact",
+    "ArtifactInfo",
+    "GcReport",
+    "ArtifactStore",
+]
+
+log = logging.getLogger(__name__)
+
+#: Marks a published artifact; readers trust only folders that have one. Written last.
+MANIFEST_NAME = "MANIFEST.json"
+#: Version of the manifest layout; bump when a field changes meaning.
+MANIFEST_FORMAT = 1
+#: Block size for hashing and copying: large enough for throughput, small enough for memory.
+_CHUNK = 8 * 1024 * 1024
+#: Stage names become folder names; a leading dot is reserved for the store's own folders.
+_STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+#: Digests are lowercase hex (``config_hash`` output).
+_DIGEST_RE = re.compile(r"^[0-9a-f]+$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_LOCKS = ".locks"
+_TRASH = ".trash"
+
+
+class ArtifactError(RuntimeError):
+    """A build produced something that cannot be published (the message names the artifact)."""
+
+
+class ArtifactWaitTimeout(TimeoutError):
+    """Waiting for another process to build an artifact took longer than ``wait_timeout``."""
+
+
+class _Corrupt(Exception):
+    """Internal: a published artifact failed verification."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys, artifacts, listings
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any, where: str) -> Any:
+    """JSON-plain form of a key part (configs become dicts); reject values without a stable form."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"__type__": type(value).__name__, **to_dict(value)}
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"artifact key part {where}: mapping key {k!r} is not a string")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    raise TypeError(f"artifact key part {where}: {type(value).__name__} has no stable text form; "
+                    "pass config dataclasses or plain values (str, number, bool, None, list, dict, path)")
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """Identity of an artifact: ``stage`` plus a hash of everything upstream (``str()`` = ``stage/digest``).
+
+    ``parts`` (the JSON-plain upstream values) is recorded in the manifest; it takes no part in
+    equality, so a key parsed back from text equals the one it was made from.
+    """
+
+    stage: str
+    digest: str
+    parts: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stage, str) or not _STAGE_RE.match(self.stage):
+            raise ValueError(f"artifact stage {self.stage!r}: expected letters, digits, '_' or '-', "
+                             "not starting with '_' or '-'")
+        if not isinstance(self.digest, str) or not _DIGEST_RE.match(self.digest):
+            raise ValueError(f"artifact digest {self.digest!r}: expected lowercase hex")
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.digest}"
+
+    @classmethod
+    def parse(cls, text: str) -> ArtifactKey:
+        """Key from its text form ``stage/digest`` (e.g. from ``wsss-tune cache ls``)."""
+        stage, sep, digest = text.strip().partition("/")
+        if not sep:
+            raise ValueError(f"artifact key {text!r}: expected 'stage/digest'")
+        return cls(stage=stage, digest=digest)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published, verified artifact as seen by one caller.
+
+    ``hit`` is True when the artifact already existed (or another process built it while this one
+    waited) and False when this call built it.
+    """
+
+    key: ArtifactKey
+    path: Path
+    manifest: Mapping[str, Any]
+    hit: bool
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The dict the build function returned (e.g. its metrics)."""
+        return dict(self.manifest.get("metadata", {}))
+
+    @property
+    def build_seconds(self) -> float:
+        """Seconds the build took when the artifact was made."""
+        return float(self.manifest.get("build_seconds", 0.0))
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """One row of :meth:`ArtifactStore.list` (read from the manifest, not verified)."""
+
+    key: ArtifactKey
+    created: float
+    size_bytes: int
+    num_files: int
+    build_seconds: float
+    metadata: Mapping[str, Any]
+    location: str
+
+    @property
+    def age_seconds(self) -> float:
+        return time.time() - self.created
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`ArtifactStore.gc` removed (or would remove, with ``dry_run``)."""
+
+    removed: tuple[ArtifactInfo, ...]
+    freed_bytes: int
+    #: Leftovers of crashed builds, stale locks and orphaned uploads that were cleaned up.
+    cleaned: tuple[str, ...]
+    dry_run: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests
+# --------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _scan(folder: Path, key: ArtifactKey) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``folder`` by POSIX relative path."""
+    files: dict[str, dict[str, Any]] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise ArtifactError(f"artifact {key}: the build left a symlink {name!r} in {dirpath}; "
+                                    "artifacts must hold regular files (copy the target instead)")
+        for name in filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(folder).as_posix()
+            if rel == MANIFEST_NAME:
+                raise ArtifactError(f"artifact {key}: the build wrote {MANIFEST_NAME}, a name the store reserves")
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+    return dict(sorted(files.items()))
+
+
+def _dump(manifest: Mapping[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _parse_manifest(blob: bytes, key: ArtifactKey) -> dict[str, Any]:
+    """Decode and sanity-check a manifest; raise :class:`_Corrupt` saying what is wrong."""
+    try:
+        manifest = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _Corrupt(f"{MANIFEST_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _Corrupt(f"{MANIFEST_NAME} is not a JSON object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise _Corrupt(f"{MANIFEST_NAME} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+    if manifest.get("key") != str(key):
+        raise _Corrupt(f"{MANIFEST_NAME} names key {manifest.get('key')!r}, expected {str(key)!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _Corrupt(f"{MANIFEST_NAME} has no 'files' mapping")
+    for rel, meta in files.items():
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or rel == MANIFEST_NAME:
+            raise _Corrupt(f"{MANIFEST_NAME} lists an unsafe path {rel!r}")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int)
+                or not isinstance(meta.get("sha256"), str) or not _SHA256_RE.match(meta["sha256"])):
+            raise _Corrupt(f"{MANIFEST_NAME} entry for {rel!r} needs an integer size and a sha256")
+    return manifest
+
+
+def _verify_dir(folder: Path, manifest: Mapping[str, Any], mode: str) -> list[str]:
+    """Problems with ``folder``'s files against ``manifest`` (empty when it verifies)."""
+    problems = []
+    for rel, meta in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != meta["size"]:
+            problems.append(f"{rel}: {size} bytes, manifest says {meta['size']}")
+        elif mode == "sha256" and _sha256_file(path) != meta["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def _check_metadata(value: Any, key: ArtifactKey) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"build for artifact {key} returned {type(value).__name__}; "
+                        "expected a dict of metadata (e.g. metrics) or None")
+    try:
+        json.dumps(dict(value), sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"build for artifact {key} returned metadata that is not JSON-serialisable ({exc})") from None
+    return dict(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Owners, locks and leases
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _host_id() -> str:
+    """This machine and pid namespace: pids are comparable only between processes with equal ids."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "|".join(parts)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        # /proc/<pid>/stat: "pid (comm) state ..."; comm may contain spaces, so split after ')'.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return True
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Who holds a lock or lease, and when it last said it was alive."""
+
+    token: str
+    pid: int
+    host: str
+    started: float
+    heartbeat: float
+
+    @classmethod
+    def mine(cls, token: str, started: float) -> _Owner:
+        return cls(token=token, pid=os.getpid(), host=_host_id(), started=started, heartbeat=time.time())
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> _Owner | None:
+        try:
+            d = json.loads(blob)
+            return cls(token=str(d["token"]), pid=int(d["pid"]), host=str(d["host"]),
+                       started=float(d["started"]), heartbeat=float(d["heartbeat"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def dead(self) -> bool:
+        """Known dead: it ran on this host and its pid is gone."""
+        return self.host == _host_id() and not _pid_alive(self.pid)
+
+    def describe(self, now: float) -> str:
+        host = self.host.split("|", 1)[0]
+        return f"pid {self.pid} on {host} (last heartbeat {now - self.heartbeat:.1f}s ago)"
+
+
+class _Lock(Protocol):
+    previous: _Owner | None
+
+    def try_acquire(self) -> bool: ...
+    def refresh(self) -> None: ...
+    def release(self) -> None: ...
+    def holder(self) -> _Owner | None: ...
+    def break_if_stale(self) -> _Owner | None: ...
+
+
+class _LocalLock:
+    """``filelock`` lock plus an owner record (pid, host, heartbeat) beside it.
+
+    The kernel drops the lock when its holder dies, so a killed builder needs no breaking; only a
+    holder that is alive but silent for ``stale_after`` seconds (frozen) is broken, by unlinking
+    the lock file so that the next acquirer locks a fresh one.
+    """
+
+    def __init__(self, *, path: Path, stale_after: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.owner_path = path.with_name(path.name + ".owner")
+        self.stale_after = stale_after
+        self.previous: _Owner | None = None
+        self._lock = filelock.FileLock(str(path), thread_local=False)
+        self._token = secrets.token_hex(8)
+        self._started = 0.0
+
+    def try_acquire(self) -> bool:
+        try:
+            self._lock.acquire(blocking=False)
+        except filelock.Timeout:
+            return False
+        self.previous = self.holder()
+        self._started = time.time()
+        self.refresh()
+        return True
+
+    def refresh(self) -> None:
+        atomic_write_bytes(self.owner_path, _Owner.mine(self._token, self._started).to_bytes())
+
+    def release(self) -> None:
+        owner = self.holder()
+        if owner is not None and owner.token == self._token:
+            with contextlib.suppress(FileNotFoundError):
+                self.owner_path.unlink()
+        self._lock.release()
+
+    def discard(self) -> None:
+        """Unlink the lock file and owner record; the next acquirer locks a fresh file."""
+        for p in (self.path, self.owner_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def holder(self) -> _Owner | None:
+        try:
+            return _Owner.from_bytes(self.owner_path.read_bytes())
+        except OSError:
+            return None
+
+    def break_if_stale(self) -> _Owner | None:
+        owner, now = self.holder(), time.time()
+        # A dead holder on this host already lost its OS lock: nothing to break.
+        if owner is None or owner.dead() or now - owner.heartbeat <= self.stale_after:
+            return None
+        log.warning("breaking the lock %s held by %s: silent for longer than %.0fs",
+                    self.path, owner.describe(now), self.stale_after)
+        self.discard()
+        return owner
+
+
+class _Lease:
+    """Lease file on a pyarrow filesystem: write our record, wait ``settle`` seconds, read it back.
+
+    If two processes claim at once, the later write wins and the earlier one sees a foreign token
+    and backs off. A lease whose holder died on this host, or whose heartbeat is older than
+    ``stale_after``, is overwritten. Each write goes to a temporary name and is moved into place,
+    so readers never see half a record.
+    """
+
+    def __init__(self, *, fs: pafs.FileSystem, path: str, stale_after: float, settle: float) -> None:
+        self.fs = fs
+        self.path = path
+        self.stale_after = stale_after
+        self.settle = settle
+        self.previous: _Owner | None = None
+        self._token = secrets.token_hex(8)
+        self._started = 0.0
+
+    def _write(self) -> None:
+        tmp = f"{self.path}.{self._token}.tmp"
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(_Owner.mine(self._token, self._started).to_bytes())
+        self.fs.move(tmp, self.path)
+
+    def holder(self) -> _Owner | None:
+        info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File:
+            return None
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                blob = f.read()
+        except FileNotFoundError:
+            return None
+        owner = _Owner.from_bytes(blob)
+        if owner is None:  # unreadable record: judge it by the file's age alone
+            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+            owner = _Owner(token="?", pid=-1, host="?", started=mtime, heartbeat=mtime)
+        return owner
+
+    def try_acquire(self) -> bool:
+        current, now = self.holder(), time.time()
+        if current is not None and current.token != self._token:
+            if not (current.dead() or now - current.heartbeat > self.stale_after):
+                return False
+            log.warning("taking over the lease %s from %s", self.path, current.describe(now))
+        self.previous = current
+        self._started = now
+        self._write()
+        time.sleep(self.settle)
+        current = self.holder()
+        return current is not None and current.token == self._token
+
+    def refresh(self) -> None:
+        current = self.holder()
+        if current is None or current.token != self._token:
+            log.warning("lost the lease %s to %s; finishing the build anyway", self.path,
+                        current.describe(time.time()) if current else "nobody")
+            return
+        self._write()
+
+    def release(self) -> None:
+        current = self.holder()
+        if current is not None and current.token == self._token:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self.path)
+
+    def break_if_stale(self) -> _Owner | None:
+        return None  # try_acquire takes over stale leases itself
+
+
+class _Heartbeat:
+    """Refreshes a lock's owner record every ``interval`` seconds while a build runs."""
+
+    def __init__(self, lock: _Lock, interval: float) -> None:
+        self._lock = lock
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="artifact-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._lock.refresh()
+            except Exception as exc:  # a missed heartbeat must not kill the build
+                log.warning("artifact lock heartbeat failed: %s", exc)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wsss_tune" / "artifacts"
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class ArtifactStore:
+    """Stage artifacts on a local path or a pyarrow filesystem; see the module docstring.
+
+    Args:
+        uri: Local folder (relative paths are made absolute now, because Ray changes a trial's
+            working directory) or a pyarrow filesystem URI (``file:///...``, ``s3://bucket/prefix``).
+            With ``filesystem``, a path inside that filesystem.
+        filesystem: A pyarrow filesystem to use instead of parsing ``uri`` (e.g. a
+            ``SubTreeFileSystem``); the store then uses the remote protocol.
+        cache_dir: Local folder for verified copies of remote artifacts and remote builds in
+            progress. Default: ``$XDG_CACHE_HOME/wsss_tune/artifacts/<hash of the store>``.
+        verify: ``sha256`` checks every byte on :meth:`get`; ``size`` only file sizes (faster for
+            very large artifacts, but misses same-size corruption). Downloads are always hashed.
+        heartbeat: Seconds between a builder's owner-record refreshes.
+        stale_after: A holder silent for this long is considered dead and taken over.
+        lease_settle: Remote leases: seconds between writing a claim and reading it back.
+    """
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        filesystem: pafs.FileSystem | None = None,
+        cache_dir: str | Path | None = None,
+        verify: Literal["sha256", "size"] = "sha256",
+        heartbeat: float = 10.0,
+        stale_after: float = 120.0,
+        lease_settle: float = 0.5,
+    ) -> None:
+        if not isinstance(uri, str) or not uri.strip():
+            raise ValueError(f"artifact store uri {uri!r}: expected a local path or a filesystem URI")
+        if verify not in ("sha256", "size"):
+            raise ValueError(f"artifact store verify={verify!r}: expected 'sha256' or 'size'")
+        if not heartbeat > 0 or not stale_after > 2 * heartbeat:
+            raise ValueError(f"artifact store heartbeat={heartbeat}, stale_after={stale_after}: expected "
+                             "heartbeat > 0 and stale_after > 2 * heartbeat (else live builders look dead)")
+        if lease_settle < 0:
+            raise ValueError(f"artifact store lease_settle={lease_settle}: expected >= 0")
+        self.uri = uri
+        self.verify = verify
+        self.heartbeat = float(heartbeat)
+        self.stale_after = float(stale_after)
+        self.lease_settle = float(lease_settle)
+        self._fs: pafs.FileSystem | None
+        if filesystem is not None:
+            self._fs, self._rroot = filesystem, uri.rstrip("/") or "/"
+        elif "://" in uri:
+            try:
+                self._fs, self._rroot = pafs.FileSystem.from_uri(uri)
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"artifact store uri {uri!r}: pyarrow cannot open it ({exc})") from None
+        else:
+            self._fs, self._rroot = None, ""
+        self._root = Path(uri).expanduser().resolve() if self._fs is None else None
+        ident = self.uri if filesystem is None else f"{filesystem.type_name}:{getattr(filesystem, 'base_path', '')}:{uri}"
+        self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else _default_cache_root() / config_hash(ident)
+        self.hits = 0
+        self.misses = 0
+        self._build_seconds = 0.0
+        self._saved_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore(uri={self.uri!r}, remote={self.is_remote})"
+
+    @property
+    def is_remote(self) -> bool:
+        """True when the store goes through a pyarrow filesystem (leases, upload, local cache)."""
+        return self._fs is not None
+
+    # ---- keys and paths ------------------------------------------------------------------------
+
+    def key(self, stage: str, *parts: Any) -> ArtifactKey:
+        """Key of ``stage``'s output given everything upstream (configs, data fingerprint, ...)."""
+        plain = tuple(_plain(p, f"[{i}]") for i, p in enumerate(parts))
+        return ArtifactKey(stage=stage, digest=config_hash(*parts), parts=plain)
+
+    def _local_dir(self, key: ArtifactKey) -> Path:
+        assert self._root is not None
+        return self._root / key.stage / key.digest
+
+    def _rdir(self, key: ArtifactKey) -> str:
+        return posixpath.join(self._rroot, key.stage, key.digest)
+
+    def _cache_path(self, key: ArtifactKey) -> Path:
+        return self.cache_dir / key.stage / key.digest
+
+    def _lock(self, key: ArtifactKey) -> _Lock:
+        if self._fs is None:
+            assert self._root is not None
+            return _LocalLock(path=self._root / _LOCKS / key.stage / f"{key.digest}.lock",
+                              stale_after=self.stale_after)
+        return _Lease(fs=self._fs, path=posixpath.join(self._rroot, _LOCKS, key.stage, f"{key.digest}.lease"),
+                      stale_after=self.stale_after, settle=self.lease_settle)
+
+    def _cache_filelock(self, key: ArtifactKey) -> filelock.BaseFileLock:
+        """Serialises this host's processes that fill or replace the same cache entry."""
+        path = self.cache_dir / _LOCKS / key.stage / f"{key.digest}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(path), thread_local=False)
+
+    @contextlib.contextmanager
+    def _cache_lock(self, key: ArtifactKey) -> Iterator[None]:
+        with self._cache_filelock(key):
+            yield
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def exists(self, key: ArtifactKey) -> bool:
+        """Whether ``key`` is published (its manifest exists). Cheap; does not verify the files."""
+        if self._fs is None:
+            return (self._local_dir(key) / MANIFEST_NAME).is_file()
+        return self._fs.get_file_info(posixpath.join(self._rdir(key), MANIFEST_NAME)).type == pafs.FileType.File
+
+    def get(self, key: ArtifactKey) -> Path | None:
+        """Local path of the verified artifact folder, or None if it is missing or corrupted.
+
+        For a remote store the files are downloaded (and hashed) into the local cache first; a
+        cached copy is reused while it still matches the remote manifest.
+        """
+        found = self._lookup(key)
+        return None if found is None else found[0]
+
+    def _lookup(self, key: ArtifactKey) -> tuple[Path, dict[str, Any]] | None:
+        try:
+            return self._lookup_local(key) if self._fs is None else self._lookup_remote(key)
+        except _Corrupt as exc:
+            log.warning("artifact %s in %s is corrupted and will not be used: %s", key, self.uri, exc)
+            return None
+
+    def _lookup_local(self, key: ArtifactKey) -> tuple[Path, dict[str, Any]] | None:
+        folder = self._local_dir(key)
+        try:
+            blob = (folder / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+        manifest = _parse_manifest(blob, key)
+        problems = _verify_dir(folder, manifest, self.verify)
+        if problems:
+            raise _Corrupt("; ".join(problems))
+        return folder, manifest
+
+    def _read_remote(self, path: str) -> bytes | None:
+        assert self._fs is not None
+        if self._fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        try:
+            with self._fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _lookup_remote(self, key: ArtifactKey) -> tuple[Path, dict[str, Any]] | None:
+        assert self._fs is not None
+        rdir = self._rdir(key)
+        blob = self._read_remote(posixpath.join(rdir, MANIFEST_NAME))
+        if blob is None:
+            return None
+        manifest = _parse_manifest(blob, key)
+        local = self._cache_path(key)
+        with self._cache_lock(key):
+            cached = local / MANIFEST_NAME
+            if cached.is_file() and cached.read_bytes() == blob:
+                problems = _verify_dir(local, manifest, self.verify)
+                if not problems:
+                    return local, manifest
+                log.warning("cached copy of artifact %s is damaged (%s); downloading again", key, "; ".join(problems))
+            with atomic_dir(local) as tmp:
+                for rel, meta in manifest["files"].items():
+                    self._download(posixpath.join(rdir, rel), tmp / rel, meta, rel)
+                (tmp / MANIFEST_NAME).write_bytes(blob)
+        return local, manifest
+
+    def _download(self, src: str, dst: Path, meta: Mapping[str, Any], rel: str) -> None:
+        assert self._fs is not None
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self._fs.open_input_stream(src) as fin, dst.open("wb") as fout:
+                while block := fin.read(_CHUNK):
+                    digest.update(block)
+                    size += len(block)
+                    fout.write(block)
+        except FileNotFoundError:
+            raise _Corrupt(f"{rel}: missing") from None
+        if size != meta["size"]:
+            raise _Corrupt(f"{rel}: {size} bytes, manifest says {meta['size']}")
+        if digest.hexdigest() != meta["sha256"]:
+            raise _Corrupt(f"{rel}: sha256 differs from the manifest")
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def get_or_create(
+        self,
+        key: ArtifactKey,
+        build: Callable[[Path], Mapping[str, Any] | None],
+        *,
+        wait_timeout: float | None = None,
+        poll: float = 0.5,
+    ) -> Artifact:
+        """Return the artifact for ``key``, building it with ``build(folder)`` if needed.
+
+        ``build`` writes the artifact's files into the empty private folder it is given and may
+        return a JSON-serialisable dict of metadata (e.g. metrics) for the manifest. Across
+        processes the build runs once; others wait (polling every ``poll`` seconds, for at most
+        ``wait_timeout`` seconds, or as long as the builder stays alive if None) and then read the
+        result. A corrupted published artifact is rebuilt. If ``build`` raises, nothing is published,
+        the lock is released and the exception propagates.
+
+        Raises:
+            ArtifactWaitTimeout: another live process was still building after ``wait_timeout``.
+        """
+        if poll <= 0:
+            raise ValueError(f"get_or_create poll={poll}: expected > 0")
+        found = self._lookup(key)
+        if found is not None:
+            return self._hit(key, *found)
+        deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+        lock = self._lock(key)
+        announced = False
+        while True:
+            if lock.try_acquire():
+                try:
+                    found = self._lookup(key)  # published while we waited
+                    if found is not None:
+                        return self._hit(key, *found)
+                    prev = lock.previous
+                    if prev is not None and (prev.dead() or time.time() - prev.heartbeat > self.stale_after):
+                        log.warning("artifact %s: the previous builder (%s) died before publishing; rebuilding",
+                                    key, prev.describe(time.time()))
+                    return self._build(key, build, lock)
+                finally:
+                    lock.release()
+            lock.break_if_stale()
+            holder = lock.holder()
+            if deadline is not None and time.monotonic() >= deadline:
+                who = holder.describe(time.time()) if holder else "another process"
+                raise ArtifactWaitTimeout(f"gave up after {wait_timeout}s waiting for artifact {key} in "
+                                          f"{self.uri}: it is being built by {who}")
+            if not announced:
+                log.info("artifact %s is being built by %s; waiting", key,
+                         holder.describe(time.time()) if holder else "another process")
+                announced = True
+            time.sleep(poll)
+
+    def _hit(self, key: ArtifactKey, path: Path, manifest: dict[str, Any]) -> Artifact:
+        art = Artifact(key=key, path=path, manifest=manifest, hit=True)
+        self.hits += 1
+        self._saved_seconds += art.build_seconds
+        return art
+
+    def _manifest(self, key: ArtifactKey, folder: Path, metadata: dict[str, Any], seconds: float) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "format": MANIFEST_FORMAT,
+            "key": str(key),
+            "stage": key.stage,
+            "digest": key.digest,
+            "parts": list(key.parts),
+            "files": _scan(folder, key),
+            "metadata": metadata,
+            "build_seconds": round(seconds, 3),
+            "created": now,
+            "created_iso": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def _build(self, key: ArtifactKey, build: Callable[[Path], Mapping[str, Any] | None], lock: _Lock) -> Artifact:
+        """Run ``build`` under the held ``lock`` and publish its folder."""
+        if self._fs is None:
+            final = self._local_dir(key)
+            self._remove_leftovers(final)
+            with _Heartbeat(lock, self.heartbeat), atomic_dir(final) as tmp:
+                manifest = self._run_build(key, build, tmp)
+                atomic_write_bytes(tmp / MANIFEST_NAME, _dump(manifest))
+        else:
+            final = self._cache_path(key)
+            with self._cache_lock(key):
+                self._remove_leftovers(final)
+            cache_lock = self._cache_filelock(key)
+            with _Heartbeat(lock, self.heartbeat), contextlib.ExitStack() as stack:
+                # Exits run in reverse: the temp folder is renamed into the cache, then the cache
+                # lock is released. It is taken only for that rename, never during the build, so a
+                # frozen builder cannot block this host's cache.
+                stack.callback(lambda: cache_lock.release() if cache_lock.is_locked else None)
+                tmp = stack.enter_context(atomic_dir(final))
+                manifest = self._run_build(key, build, tmp)
+                blob = _dump(manifest)
+                self._upload(key, tmp, manifest, blob)
+                (tmp / MANIFEST_NAME).write_bytes(blob)
+                cache_lock.acquire()
+        self.misses += 1
+        self._build_seconds += manifest["build_seconds"]
+        return Artifact(key=key, path=final, manifest=manifest, hit=False)
+
+    def _run_build(self, key: ArtifactKey, build: Callable[[Path], Mapping[str, Any] | None], tmp: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        metadata = _check_metadata(build(tmp), key)
+        return self._manifest(key, tmp, metadata, time.perf_counter() - t0)
+
+    def _upload(self, key: ArtifactKey, folder: Path, manifest: Mapping[str, Any], blob: bytes) -> None:
+        """Replace the remote folder's contents with ``folder``'s files, then write the manifest."""
+        assert self._fs is not None
+        fs, rdir = self._fs, self._rdir(key)
+        if fs.get_file_info(rdir).type != pafs.FileType.NotFound:
+            with contextlib.suppress(FileNotFoundError):  # untrust it first, then clear it
+                fs.delete_file(posixpath.join(rdir, MANIFEST_NAME))
+            fs.delete_dir_contents(rdir, missing_dir_ok=True)
+        fs.create_dir(rdir, recursive=True)
+        for rel in manifest["files"]:
+            dst = posixpath.join(rdir, rel)
+            if "/" in rel:
+                fs.create_dir(posixpath.dirname(dst), recursive=True)
+            with (folder / rel).open("rb") as fin, fs.open_output_stream(dst) as fout:
+                while block := fin.read(_CHUNK):
+                    fout.write(block)
+        tmp = posixpath.join(rdir, f".{MANIFEST_NAME}.{secrets.token_hex(6)}.tmp")
+        with fs.open_output_stream(tmp) as f:
+            f.write(blob)
+        fs.move(tmp, posixpath.join(rdir, MANIFEST_NAME))
+
+    @staticmethod
+    def _remove_leftovers(final: Path) -> list[Path]:
+        """Temporary folders that crashed builds of ``final`` left behind (call with the lock held)."""
+        found = [p for p in final.parent.glob(f".{final.name}.*") if p.name.endswith((".tmp", ".old"))]
+        for p in found:
+            _rmtree(p)
+        return found
+
+    # ---- listing and removal -------------------------------------------------------------------
+
+    def _stage_names(self, stage: str | None) -> builtins.list[str]:
+        if stage is not None:
+            ArtifactKey(stage=stage, digest="0")  # validates the name
+            return [stage]
+        if self._fs is None:
+            assert self._root is not None
+            if not self._root.is_dir():
+                return []
+            return sorted(p.name for p in self._root.iterdir() if p.is_dir() and _STAGE_RE.match(p.name))
+        infos = self._fs.get_file_info(pafs.FileSelector(self._rroot, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and _STAGE_RE.match(i.base_name))
+
+    def _digests(self, stage: str) -> builtins.list[str]:
+        if self._fs is None:
+            assert self._root is not None
+            folder = self._root / stage
+            names = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        else:
+            sel = pafs.FileSelector(posixpath.join(self._rroot, stage), allow_not_found=True)
+            names = [i.base_name for i in self._fs.get_file_info(sel) if i.type == pafs.FileType.Directory]
+        return sorted(n for n in names if _DIGEST_RE.match(n))
+
+    def _read_manifest_blob(self, key: ArtifactKey) -> bytes | None:
+        if self._fs is None:
+            try:
+                return (self._local_dir(key) / MANIFEST_NAME).read_bytes()
+            except FileNotFoundError:
+                return None
+        return self._read_remote(posixpath.join(self._rdir(key), MANIFEST_NAME))
+
+    def list(self, stage: str | None = None) -> builtins.list[ArtifactInfo]:
+        """Published artifacts (optionally of one stage), from their manifests; files are not verified."""
+        out = []
+        for st in self._stage_names(stage):
+            for digest in self._digests(st):
+                key = ArtifactKey(stage=st, digest=digest)
+                blob = self._read_manifest_blob(key)
+                if blob is None:
+                    continue
+                try:
+                    m = _parse_manifest(blob, key)
+                except _Corrupt as exc:
+                    log.warning("artifact %s has an unreadable manifest (%s); skipped", key, exc)
+                    continue
+                files = m["files"]
+                location = str(self._local_dir(key)) if self._fs is None else self._rdir(key)
+                out.append(ArtifactInfo(
+                    key=ArtifactKey(stage=st, digest=digest, parts=tuple(m.get("parts", ()))),
+                    created=float(m.get("created", 0.0)),
+                    size_bytes=sum(f["size"] for f in files.values()),
+                    num_files=len(files),
+                    build_seconds=float(m.get("build_seconds", 0.0)),
+                    metadata=dict(m.get("metadata", {})),
+                    location=location,
+                ))
+        return out
+
+    def remove(self, key: ArtifactKey) -> bool:
+        """Delete a published artifact (and its local cached copy); True if it existed."""
+        existed = False
+        if self._fs is None:
+            folder = self._local_dir(key)
+            if folder.exists():
+                assert self._root is not None
+                trash = self._root / _TRASH / f"{key.stage}.{key.digest}.{secrets.token_hex(4)}"
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(folder, trash)  # disappears at once; deleting may take a while
+                _rmtree(trash)
+                existed = True
+        else:
+            rdir = self._rdir(key)
+            if self._fs.get_file_info(rdir).type != pafs.FileType.NotFound:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.delete_file(posixpath.join(rdir, MANIFEST_NAME))
+                self._fs.delete_dir(rdir)
+                existed = True
+            cached = self._cache_path(key)
+            if cached.exists():
+                with self._cache_lock(key):
+                    _rmtree(cached)
+        return existed
+
+    def gc(
+        self,
+        keep: Callable[[ArtifactInfo], bool] | None = None,
+        *,
+        older_than: float | datetime.timedelta | None = None,
+        dry_run: bool = False,
+    ) -> GcReport:
+        """Remove artifacts, and clean what crashed builds left behind.
+
+        An artifact is removed when it is older than ``older_than`` (seconds or a timedelta) and
+        ``keep(info)`` is not true; with only one of the two given, that one decides. With neither,
+        no artifact is removed and only the housekeeping runs: temporary folders of dead builds,
+        stale locks, half-finished remote uploads and cached copies of artifacts that are gone.
+        ``dry_run`` reports what would be removed and changes nothing.
+        """
+        if isinstance(older_than, datetime.timedelta):
+            older_than = older_than.total_seconds()
+        if older_than is not None and older_than < 0:
+            raise ValueError(f"gc older_than={older_than}: expected >= 0 seconds")
+        removed: builtins.list[ArtifactInfo] = []
+        if keep is not None or older_than is not None:
+            for info in self.list():
+                if older_than is not None and info.age_seconds <= older_than:
+                    continue
+                if keep is not None and keep(info):
+                    continue
+                removed.append(info)
+        cleaned: builtins.list[str] = []
+        if not dry_run:
+            for info in removed:
+                self.remove(info.key)
+            cleaned = self._housekeeping()
+        return GcReport(removed=tuple(removed), freed_bytes=sum(i.size_bytes for i in removed),
+                        cleaned=tuple(cleaned), dry_run=dry_run)
+
+    def _housekeeping(self) -> builtins.list[str]:
+        if self._fs is None:
+            assert self._root is not None
+            return self._clean_local_root(self._root)
+        cleaned = self._clean_remote_orphans()
+        if self.cache_dir.is_dir():
+            for stage in sorted(p.name for p in self.cache_dir.iterdir() if p.is_dir() and _STAGE_RE.match(p.name)):
+                for folder in sorted(self.cache_dir.joinpath(stage).iterdir()):
+                    if not folder.is_dir() or not _DIGEST_RE.match(folder.name):
+                        continue
+                    key = ArtifactKey(stage=stage, digest=folder.name)
+                    if not self.exists(key):  # removed from the store: drop the cached copy
+                        with self._cache_lock(key):
+                            _rmtree(folder)
+                        cleaned.append(str(folder))
+            cleaned += self._clean_local_root(self.cache_dir)
+        return cleaned
+
+    def _clean_local_root(self, root: Path) -> builtins.list[str]:
+        """Remove trash, temp folders of dead builds and their owner records under a local ``root``.
+
+        A key is cleaned only when its lock can be taken, i.e. when no process builds it now.
+        """
+        cleaned: builtins.list[str] = []
+        if not root.is_dir():
+            return cleaned
+        trash = root / _TRASH
+        if trash.is_dir():
+            for p in sorted(trash.iterdir()):
+                _rmtree(p)
+                cleaned.append(str(p))
+        keys: set[tuple[str, str]] = set()
+        for stage_dir in (p for p in root.iterdir() if p.is_dir() and _STAGE_RE.match(p.name)):
+            for p in stage_dir.glob(".*"):
+                if p.name.endswith((".tmp", ".old")) and len(p.name.split(".")) > 2:
+                    keys.add((stage_dir.name, p.name.split(".")[1]))
+        locks = root / _LOCKS
+        if locks.is_dir():
+            for stage_dir in (p for p in locks.iterdir() if p.is_dir()):
+                keys.update((stage_dir.name, p.name[: -len(".lock")]) for p in stage_dir.glob("*.lock"))
+        for stage, digest in sorted(keys):
+            if not (_STAGE_RE.match(stage) and _DIGEST_RE.match(digest)):
+                continue
+            lock = _LocalLock(path=locks / stage / f"{digest}.lock", stale_after=self.stale_after)
+            if not lock.try_acquire():
+                continue
+            try:
+                if lock.previous is not None:
+                    cleaned.append(str(lock.owner_path))
+                cleaned += [str(p) for p in self._remove_leftovers(root / stage / digest)]
+                lock.discard()
+            finally:
+                lock.release()
+        return cleaned
+
+    def _clean_remote_orphans(self) -> builtins.list[str]:
+        """Delete remote folders without a manifest (crashed uploads) and leases of dead holders."""
+        assert self._fs is not None
+        cleaned: builtins.list[str] = []
+        for stage in self._stage_names(None):
+            for digest in self._digests(stage):
+                key = ArtifactKey(stage=stage, digest=digest)
+                if self.exists(key):
+                    continue
+                lease = self._lock(key)
+                if not lease.try_acquire():
+                    continue  # someone is uploading it right now
+                try:
+                    if not self.exists(key):
+                        self._fs.delete_dir(self._rdir(key))
+                        cleaned.append(self._rdir(key))
+                finally:
+                    lease.release()
+        selector = pafs.FileSelector(posixpath.join(self._rroot, _LOCKS), recursive=True, allow_not_found=True)
+        now = time.time()
+        for info in self._fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            if info.base_name.endswith(".lease"):
+                owner = _Lease(fs=self._fs, path=info.path, stale_after=self.stale_after, settle=0.0).holder()
+                stale = owner is not None and (owner.dead() or now - owner.heartbeat > self.stale_after)
+            else:  # a claim interrupted between its write and its move
+                mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+                stale = info.base_name.endswith(".tmp") and now - mtime > self.stale_after
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.delete_file(info.path)
+                cleaned.append(info.path)
+        return cleaned
+
+    def stats(self) -> dict[str, Any]:
+        """Inventory of the store plus this process's cache hits, misses and build time saved."""
+        by_stage: dict[str, dict[str, int]] = {}
+        for info in self.list():
+            s = by_stage.setdefault(info.key.stage, {"artifacts": 0, "bytes": 0})
+            s["artifacts"] += 1
+            s["bytes"] += info.size_bytes
+        return {
+            "uri": self.uri,
+            "remote": self.is_remote,
+            "artifacts": sum(s["artifacts"] for s in by_stage.values()),
+            "bytes": sum(s["bytes"] for s in by_stage.values()),
+            "by_stage": by_stage,
+            "hits": self.hits,
+            "misses": self.misses,
+            "build_seconds": round(self._build_seconds, 3),
+            "saved_seconds": round(self._saved_seconds, 3),
+        }

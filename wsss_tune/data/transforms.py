@@ -1,0 +1,284 @@
+"""Joint training transforms that keep image, saliency map and label mask aligned.
+
+Reference behaviour (DESIGN.md §2):
+
+* EPS training: random long-side resize (bicubic, image and saliency together), horizontal flip,
+  colour jitter (0.3, 0.3, 0.3, 0.1) on the image only, ImageNet normalisation, random crop with
+  zero padding placed at a random offset when the image is smaller than the crop.
+* DeepLab training: random scale from a list (bilinear image, nearest labels), flip, crop with
+  padding at the bottom/right (0 for the normalised image, 255 for labels), as in the reference.
+
+All randomness comes from the ``numpy.random.Generator`` passed in, so a sample's augmentation is a
+function of its seed only (see :class:`wsss_tune.data.voc.ClassificationDataset`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from wsss_tune.data.voc import IGNORE_INDEX, DataError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize_image", "to_tensors", "TrainTransform"]
+
+#: ImageNet channel statistics (RGB, on [0, 1] pixels) used by the EPS and PSA reference ``Normalize``.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: 8-bit pixel range (reference: ``img / 255.``).
+PIXEL_MAX = 255.0
+#: Crop padding: the reference pads the *normalised* image and the saliency with zeros, labels with 255.
+IMAGE_PAD = 0.0
+SALIENCY_PAD = 0.0
+MASK_PAD = IGNORE_INDEX
+#: Probability of a horizontal flip (reference: ``random.random() > 0.5``).
+FLIP_PROB = 0.5
+#: Image resampling: PIL bicubic for the EPS long-side resize (reference ``RandomResizeLong``),
+#: bilinear for DeepLab's random scaling (reference ``cv2.INTER_LINEAR``); labels always nearest.
+RESIZE_LONG_RESAMPLE = Image.Resampling.BICUBIC
+SCALE_RESAMPLE = Image.Resampling.BILINEAR
+
+
+def _check_image(img: np.ndarray, where: str = "image") -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise DataError(f"{where}: expected a uint8 RGB array of shape (H, W, 3), got dtype {img.dtype} "
+                        f"shape {img.shape}")
+    return img
+
+
+def normalize_image(img: np.ndarray) -> torch.Tensor:
+    """RGB/255, then ImageNet mean/std normalisation.
+
+    Shape:
+        ``img``: ``(H, W, 3)`` ``uint8``; returns ``(3, H, W)`` ``float32``.
+    """
+    img = _check_image(img)
+    t = torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(PIXEL_MAX)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return t.sub_(mean).div_(std)
+
+
+def _check_sample(sample: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    if "image" not in sample:
+        raise DataError(f"sample has keys {sorted(sample)}; expected an 'image'")
+    img = _check_image(sample["image"], "sample['image']")
+    sal = sample.get("saliency")
+    mask = sample.get("mask")
+    h, w = img.shape[:2]
+    if sal is not None:
+        sal = np.asarray(sal, dtype=np.float32)
+        if sal.shape != (h, w):
+            raise DataError(f"sample['saliency'] has shape {sal.shape}; expected the image size {(h, w)}",
+                            kind="size_mismatch")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != (h, w) or not np.issubdtype(mask.dtype, np.integer):
+            raise DataError(f"sample['mask'] has dtype {mask.dtype} shape {mask.shape}; expected integer labels "
+                            f"of the image size {(h, w)}", kind="size_mismatch")
+        mask = mask.astype(np.uint8, copy=False)
+    return img, sal, mask
+
+
+def _pack(img: torch.Tensor, sal: np.ndarray | None, mask: np.ndarray | None) -> dict[str, torch.Tensor]:
+    out = {"image": img}
+    if sal is not None:
+        out["saliency"] = torch.from_numpy(np.array(sal, dtype=np.float32)).unsqueeze(0)  # copy: writable
+    if mask is not None:
+        out["mask"] = torch.from_numpy(mask.astype(np.int64))
+    return out
+
+
+def to_tensors(sample: dict[str, np.ndarray], rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+    """No augmentation: normalise the image and turn saliency/mask into tensors (evaluation).
+
+    Args:
+        sample: ``image`` and optionally ``saliency`` and ``mask``.
+        rng: Unused; accepted so this is a drop-in ``transform`` for the datasets.
+
+    Shape:
+        ``image`` ``(H, W, 3)`` uint8 -> ``(3, H, W)`` float; ``saliency`` ``(H, W)`` -> ``(1, H, W)``
+        float; ``mask`` ``(H, W)`` -> ``(H, W)`` int64.
+    """
+    img, sal, mask = _check_sample(sample)
+    return _pack(normalize_image(img), sal, mask)
+
+
+def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by ``shift`` turns (``[-0.5, 0.5]``), as torchvision does for PIL images: the
+    8-bit H channel of PIL's HSV wraps around."""
+    hue, sat, val = img.convert("HSV").split()
+    h = (np.asarray(hue, dtype=np.int16) + int(shift * 255)) % 256
+    return Image.merge("HSV", (Image.fromarray(h.astype(np.uint8)), sat, val)).convert("RGB")
+
+
+def _resize_float(arr: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """Resize a float map in PIL's 32-bit float mode; ``size`` is (W, H)."""
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))  # PIL mode "F"
+    return np.asarray(img.resize(size, resample=resample), dtype=np.float32)
+
+
+def _crop_offsets(size: int, crop: int, rng: np.random.Generator, *, pad_random: bool) -> tuple[int, int]:
+    """(offset into the output, offset into the input) along one axis."""
+    space = size - crop
+    if space >= 0:
+        return 0, int(rng.integers(space + 1))
+    # Smaller than the crop: EPS places the image at a random offset, DeepLab at the top-left.
+    return (int(rng.integers(-space + 1)) if pad_random else 0), 0
+
+
+class TrainTransform:
+    """Random resize, flip, colour jitter, normalise and crop, applied jointly.
+
+    Args:
+        crop_size: Side of the square output crop; smaller inputs are padded (image/saliency 0,
+            mask 255).
+        resize_long: ``(min, max)`` long-side length (inclusive) drawn per sample (EPS); bicubic for
+            image and saliency, nearest for masks.
+        scales: Scale factors to choose from instead (DeepLab); output size ``int(side * s)``.
+        hflip: Flip horizontally with probability 0.5.
+        jitter: Colour jitter strengths (brightness, contrast, saturation, hue) on the image only, as
+            ``torchvision.transforms.ColorJitter`` (factors in ``[max(0, 1 - b), 1 + b]``, hue shift in
+            ``[-h, h]``, the four applied in random order).
+
+    Call with a NumPy sample (``image`` uint8 (H, W, 3); optional ``saliency`` float (H, W) and
+    ``mask`` integer (H, W)) and a generator; returns ``image`` float (3, s, s), ``saliency`` float
+    (1, s, s), ``mask`` int64 (s, s) with ``s = crop_size``.
+    """
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        resize_long: tuple[int, int] | None = None,
+        scales: Sequence[float] | None = None,
+        hflip: bool = True,
+        jitter: tuple[float, float, float, float] | None = None,
+    ) -> None:
+        if not isinstance(crop_size, int) or crop_size <= 0:
+            raise ValueError(f"crop_size: expected a positive int, got {crop_size!r}")
+        if resize_long is not None and scales is not None:
+            raise ValueError("resize_long and scales are alternatives; give at most one")
+        if resize_long is not None:
+            lo, hi = (int(v) for v in resize_long)
+            if not 0 < lo <= hi:
+                raise ValueError(f"resize_long: expected (min, max) with 0 < min <= max, got {resize_long!r}")
+            resize_long = (lo, hi)
+        if scales is not None:
+            scales = tuple(float(s) for s in scales)
+            if not scales or min(scales) <= 0:
+                raise ValueError(f"scales: expected positive scale factors, got {scales!r}")
+        if jitter is not None:
+            jitter = tuple(float(j) for j in jitter)  # type: ignore[assignment]
+            if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+                raise ValueError("jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+                                 f"got {jitter!r}")
+        self.crop_size = crop_size
+        self.resize_long = resize_long
+        self.scales = scales
+        self.hflip = hflip
+        self.jitter = jitter
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(crop_size={self.crop_size}, resize_long={self.resize_long}, "
+                f"scales={self.scales}, hflip={self.hflip}, jitter={self.jitter})")
+
+    def _target_size(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int] | None:
+        """(W, H) to resize to, or None."""
+        if self.resize_long is not None:
+            target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
+            # Reference RandomResizeLong: the long side becomes `target`, the other is rounded.
+            if w < h:
+                return round(w * target / h), target
+            return target, round(h * target / w)
+        if self.scales is not None:
+            s = self.scales[int(rng.integers(len(self.scales)))]
+            return int(w * s), int(h * s)
+        return None
+
+    def _color_jitter(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """``torchvision.transforms.ColorJitter`` on a PIL image (the same PIL operations its functional
+        API applies), with factors drawn from ``rng``."""
+        assert self.jitter is not None
+        b, c, s, h = self.jitter
+        ops: list[Callable[[Image.Image], Image.Image]] = []
+        if b > 0:
+            f = rng.uniform(max(0.0, 1 - b), 1 + b)
+            ops.append(lambda im, f=f: ImageEnhance.Brightness(im).enhance(f))
+        if c > 0:
+            f = rng.uniform(max(0.0, 1 - c), 1 + c)
+            ops.append(lambda im, f=f: ImageEnhance.Contrast(im).enhance(f))
+        if s > 0:
+            f = rng.uniform(max(0.0, 1 - s), 1 + s)
+            ops.append(lambda im, f=f: ImageEnhance.Color(im).enhance(f))
+        if h > 0:
+            f = rng.uniform(-h, h)
+            ops.append(lambda im, f=f: _adjust_hue(im, f))
+        for i in rng.permutation(len(ops)):
+            img = ops[i](img)
+        return img
+
+    def __call__(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        img_arr, sal, mask = _check_sample(sample)
+        img = Image.fromarray(np.ascontiguousarray(img_arr))
+        h, w = img_arr.shape[:2]
+
+        # Geometry first (size, flip, crop window), then colour: the same generator gives the same
+        # geometry whether or not jitter is on.
+        size = self._target_size(h, w, rng)
+        flip = self.hflip and rng.random() < FLIP_PROB
+        if size is not None and size != (w, h):
+            if min(size) < 1:
+                raise DataError(f"random resize of a {w}x{h} image to {size[0]}x{size[1]} leaves no pixels")
+            resample = RESIZE_LONG_RESAMPLE if self.resize_long is not None else SCALE_RESAMPLE
+            img = img.resize(size, resample=resample)
+            if sal is not None:
+                # Bicubic overshoots; the reference resizes an 8-bit map, which saturates at 0 and 1.
+                sal = np.clip(_resize_float(sal, size, resample), 0.0, 1.0)
+            if mask is not None:
+                mask = np.asarray(Image.fromarray(np.ascontiguousarray(mask)).resize(
+                    size, resample=Image.Resampling.NEAREST))
+            w, h = size
+        window = self._crop_window(h, w, rng)
+
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            sal = None if sal is None else sal[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        if self.jitter is not None:
+            img = self._color_jitter(img, rng)
+        return self._crop(normalize_image(np.asarray(img)), sal, mask, window)
+
+    def _crop_window(self, h: int, w: int, rng: np.random.Generator) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(output slices, input slices) of the crop of an ``h`` x ``w`` image."""
+        cs = self.crop_size
+        pad_random = self.scales is None
+        out_x, in_x = _crop_offsets(w, cs, rng, pad_random=pad_random)
+        out_y, in_y = _crop_offsets(h, cs, rng, pad_random=pad_random)
+        ch, cw = min(cs, h), min(cs, w)
+        dst = (slice(out_y, out_y + ch), slice(out_x, out_x + cw))
+        src = (slice(in_y, in_y + ch), slice(in_x, in_x + cw))
+        return dst, src
+
+    def _crop(
+        self,
+        image: torch.Tensor,
+        sal: np.ndarray | None,
+        mask: np.ndarray | None,
+        window: tuple[tuple[slice, slice], tuple[slice, slice]],
+    ) -> dict[str, torch.Tensor]:
+        cs = self.crop_size
+        dst, src = window
+        img_out = torch.full((3, cs, cs), IMAGE_PAD, dtype=torch.float32)
+        img_out[(slice(None), *dst)] = image[(slice(None), *src)]
+        sal_out = mask_out = None
+        if sal is not None:
+            sal_out = np.full((cs, cs), SALIENCY_PAD, dtype=np.float32)
+            sal_out[dst] = sal[src]
+        if mask is not None:
+            mask_out = np.full((cs, cs), MASK_PAD, dtype=np.uint8)
+            mask_out[dst] = mask[src]
+        return _pack(img_out, sal_out, mask_out)

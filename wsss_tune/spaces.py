@@ -1,0 +1,576 @@
+"""Search spaces: YAML files that describe a sweep and do nothing else.
+
+A space names the config fields it varies by their dotted config path (``eps.tau``), each with a
+distribution; the metric a trial reports and whether to maximise it; the early-stopping fidelity;
+the pipeline stages a trial runs; the base config (built-in name or path) plus fixed overrides;
+and the evaluation protocol: ``tune_split``, the ground-truth images the metric is computed on
+during the search, and ``heldout_split``, on which the best configuration is scored once,
+afterwards. A file looks like::
+
+    base: voc                      # built-in config name, or a path relative to this file
+    stages: [eps]                  # pipeline stages (eps, affinity, deeplab) or `all`
+    metric: eps_miou_tune
+    mode: max
+    tune_split: train_tune         # the two fixed halves of VOC train, see below
+    heldout_split: train_heldout
+    num_samples: 24                # default number of trials
+    overrides: {eps.eval_images: 256}
+    fidelity: {time_attr: step, max_t: 20000, grace_period: 4000, reduction_factor: 3}
+    params:
+      eps.tau: {kind: uniform, low: 0.1, high: 0.7}
+      rw.logt: {kind: int, low: 2, high: 8}            # optional: step, log
+      deeplab.lr: {kind: loguniform, low: 1.0e-4, high: 1.0e-2}
+      eps.bg_mode: {kind: categorical, choices: [constant, learned]}
+
+Splits. Every stage scores its masks on an evaluation split (``data.mask_eval_split`` for the EPS
+and random-walk masks, ``data.val_split`` for DeepLab) and reports the mIoU of its tuning and
+held-out parts separately (``<stage>_miou_tune`` / ``_heldout``; see
+:func:`wsss_tune.stages.evaluate.tune_heldout_ids`). ``<eval split>_tune`` and
+``<eval split>_heldout`` name the two fixed halves of the evaluation split that the data layer
+derives from a hash of each image id when ``data.tune_split``/``data.heldout_split`` are empty; any
+other names are id-list files of the dataset. A search may only optimise a ``*_tune`` metric.
+
+Loading validates everything against the config schema and raises :class:`SpaceError` naming the
+file and the key. Turning a space into Ray Tune or Optuna distributions happens in
+``wsss_tune.trainables``; this module imports neither.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from wsss_tune.config import (
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    builtin_configs,
+    check_value,
+    field_type,
+    load_config,
+)
+from wsss_tune.stages.pipeline import STAGES, parse_stages
+
+__all__ = [
+    "SECTION_STAGE",
+    "TUNE_METRICS",
+    "KINDS",
+    "DEFAULT_NUM_SAMPLES",
+    "SpaceError",
+    "Param",
+    "Fidelity",
+    "SearchSpace",
+    "list_spaces",
+    "load_space",
+    "space_from_dict",
+    "validate",
+]
+
+#: Which pipeline stage (:data:`wsss_tune.stages.pipeline.STAGES`) reads each stage's config section;
+#: the ``affinity`` stage runs the random walk too. ``data`` and ``run`` concern every stage.
+SECTION_STAGE: dict[str, str] = {"eps": "eps", "affinity": "affinity", "rw": "affinity", "deeplab": "deeplab"}
+#: Metrics a search may optimise: the tuning-half mIoU each stage runner reports, with the stage
+#: that reports it and the ``DataConfig`` field naming the split it is measured on.
+TUNE_METRICS: dict[str, tuple[str, str]] = {
+    "eps_miou_tune": ("eps", "mask_eval_split"),
+    "rw_miou_tune": ("affinity", "mask_eval_split"),
+    "deeplab_miou_tune": ("deeplab", "val_split"),
+}
+#: Suffixes of the two derived halves of an evaluation split (``train_tune``, ``val_heldout``).
+TUNE_SUFFIX, HELDOUT_SUFFIX = "_tune", "_heldout"
+#: Distributions a parameter may use.
+KINDS: tuple[str, ...] = ("uniform", "loguniform", "int", "categorical")
+#: Trials a sweep runs when the space file names no ``num_samples``.
+DEFAULT_NUM_SAMPLES = 16
+#: Default ASHA reduction factor: keep the best 1/3 at each rung (Li et al., "Massively Parallel
+#: Hyperparameter Tuning", 2020, use eta = 3 in their experiments).
+DEFAULT_REDUCTION_FACTOR = 3.0
+#: Default reported counter that ASHA reads as training time (the stage runners' ``step``).
+DEFAULT_TIME_ATTR = "step"
+
+_PARAM_FIELDS: dict[str, frozenset[str]] = {
+    "uniform": frozenset({"low", "high", "step"}),
+    "loguniform": frozenset({"low", "high"}),
+    "int": frozenset({"low", "high", "step", "log"}),
+    "categorical": frozenset({"choices"}),
+}
+_REQUIRED_KEYS = ("base", "stages", "metric", "mode", "tune_split", "heldout_split", "params")
+_OPTIONAL_KEYS = ("description", "num_samples", "overrides", "fidelity")
+_FIDELITY_KEYS = ("time_attr", "max_t", "grace_period", "reduction_factor")
+#: The protocol's splits are top-level keys; overriding them as well would make two sources of truth.
+_SPLIT_FIELDS = ("data.tune_split", "data.heldout_split")
+#: Relative tolerance when checking that a float lies in a range or on a step grid.
+_REL_TOL = 1e-9
+
+
+class SpaceError(ValueError):
+    """A search space is invalid; ``source`` is the file and ``key`` the offending key."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        super().__init__(f"{source}: {key}: {message}")
+        self.source, self.key, self.message = source, key, message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.key, self.message))
+
+
+# --------------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------------
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=_REL_TOL, abs_tol=_REL_TOL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Param:
+    """One searched config field.
+
+    ``uniform``/``loguniform`` draw a float in [low, high] (``uniform`` may have a ``step``);
+    ``int`` draws an integer in [low, high] (inclusive) with an optional ``step`` or ``log``;
+    ``categorical`` picks one of ``choices``.
+    """
+
+    path: str
+    kind: Literal["uniform", "loguniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"one of {list(self.choices)}"
+        extra = (f", step {self.step}" if self.step else "") + (", log scale" if self.log else "")
+        return f"{self.kind} [{self.low}, {self.high}]{extra}"
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a point of this parameter's domain."""
+        if self.kind == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        assert self.low is not None and self.high is not None
+        if self.kind == "int" and not float(value).is_integer():
+            return False
+        if (value < self.low and not _close(value, self.low)) or (value > self.high and not _close(value, self.high)):
+            return False
+        if self.step:
+            k = (value - self.low) / self.step
+            return _close(k, round(k))
+        return True
+
+    def grid(self, n: int) -> list[Any]:
+        """``n`` evenly spaced values (log-spaced when ``log``), snapped to ``step``/integers and
+        de-duplicated; ``n = 1`` gives the (geometric) midpoint. Categorical: every choice."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        assert self.low is not None and self.high is not None
+        lo, hi = (math.log(self.low), math.log(self.high)) if self.log else (self.low, self.high)
+        ts = [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
+        values = [lo + t * (hi - lo) for t in ts]
+        values = [math.exp(v) for v in values] if self.log else values
+        if n > 1:
+            values[0], values[-1] = self.low, self.high  # exact ends, no rounding error
+        if self.step:
+            values = [min(self.low + round((v - self.low) / self.step) * self.step, self.high) for v in values]
+        out: list[Any] = []
+        for v in values:
+            v = int(round(v)) if self.kind == "int" else round(float(v), 12)
+            if v not in out:
+                out.append(v)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fidelity:
+    """Early stopping (ASHA): which reported counter measures training time, and the rungs."""
+
+    time_attr: str = DEFAULT_TIME_ATTR
+    max_t: int
+    grace_period: int
+    reduction_factor: float = DEFAULT_REDUCTION_FACTOR
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """A validated search space (see the module docstring for the file format)."""
+
+    name: str
+    base: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple[Param, ...]
+    metric: str
+    mode: Literal["max", "min"]
+    stages: tuple[str, ...]
+    fidelity: Fidelity | None = None
+    tune_split: str
+    heldout_split: str
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    source: Path | None = None
+    description: str = ""
+
+    @property
+    def where(self) -> str:
+        """How errors name this space: its file, or its name if it has none."""
+        return str(self.source) if self.source is not None else f"<search space {self.name!r}>"
+
+    def base_config(self) -> PipelineConfig:
+        """The base config with the fixed overrides and the protocol's splits applied.
+
+        A relative ``base`` path is relative to the space file's folder. Derived halves
+        (``<eval split>_tune``/``_heldout``) leave ``data.tune_split``/``data.heldout_split`` empty,
+        which tells the data layer to derive them; other names are passed on as id-list files.
+        """
+        cfg = self._config_without_splits()
+        derived = self._derived_halves(cfg)
+        tune, held = ("", "") if derived else (self.tune_split, self.heldout_split)
+        return apply_overrides(cfg, {"data.tune_split": tune, "data.heldout_split": held})
+
+    def _config_without_splits(self) -> PipelineConfig:
+        base: str | Path = self.base
+        if self.base not in builtin_configs():
+            path = Path(self.base).expanduser()
+            base = path if path.is_absolute() or self.source is None else self.source.parent / path
+        return load_config(base, dict(self.overrides))
+
+    def _derived_halves(self, cfg: PipelineConfig) -> str | None:
+        """The evaluation split whose derived halves ``tune_split``/``heldout_split`` name, if they do."""
+        if self.metric not in TUNE_METRICS:
+            return None
+        eval_split = getattr(cfg.data, TUNE_METRICS[self.metric][1])
+        if self.tune_split == eval_split + TUNE_SUFFIX and self.heldout_split == eval_split + HELDOUT_SUFFIX:
+            return eval_split
+        return None
+
+    def reference_point(self) -> dict[str, Any]:
+        """Values of the searched parameters in the base config: the paper's (or the built-in)
+        setting, evaluated first as the warm start. Keys are config paths."""
+        cfg = self.base_config()
+        out = {}
+        for p in self.params:
+            section, _, name = p.path.partition(".")
+            out[p.path] = getattr(getattr(cfg, section), name)
+        return out
+
+    def sample_grid(self, n: int) -> list[dict[str, Any]]:
+        """Cartesian grid with :meth:`Param.grid` ``(n)`` values per parameter (all choices for a
+        categorical one), first parameter varying slowest. Deterministic; for smoke sweeps."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sample_grid n={n!r}: expected an integer >= 1")
+        axes = [p.grid(n) for p in self.params]
+        return [dict(zip((p.path for p in self.params), values)) for values in itertools.product(*axes)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing (structure) and validation (meaning)
+# --------------------------------------------------------------------------------------------------
+
+
+def _number(value: Any, where: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpaceError(where, key, f"expected a number, got {value!r}")
+    return value
+
+
+def _string(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpaceError(where, key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _parse_param(path: Any, spec: Any, where: str) -> Param:
+    key = f"params.{path}"
+    if not isinstance(path, str):
+        raise SpaceError(where, key, "parameter names are config paths such as 'eps.tau'")
+    if not isinstance(spec, Mapping):
+        raise SpaceError(where, key, f"expected a mapping with 'kind' ({', '.join(KINDS)}), got {spec!r}")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise SpaceError(where, f"{key}.kind", f"unknown distribution {kind!r}; expected one of {', '.join(KINDS)}")
+    extra = sorted(set(spec) - {"kind"} - _PARAM_FIELDS[kind])
+    if extra:
+        raise SpaceError(where, f"{key}.{extra[0]}", f"not a field of a {kind} parameter; allowed: "
+                         f"{', '.join(sorted(_PARAM_FIELDS[kind]))}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list):
+            raise SpaceError(where, f"{key}.choices", f"expected a list, got {choices!r}")
+        return Param(path=path, kind=kind, choices=tuple(tuple(c) if isinstance(c, list) else c for c in choices))
+    for bound in ("low", "high"):
+        if spec.get(bound) is None:
+            raise SpaceError(where, f"{key}.{bound}", f"required for a {kind} parameter")
+    log = spec.get("log", kind == "loguniform")
+    if not isinstance(log, bool):
+        raise SpaceError(where, f"{key}.log", f"expected true or false, got {log!r}")
+    def num(name: str) -> float | None:
+        if spec.get(name) is None:
+            return None
+        v = _number(spec[name], where, f"{key}.{name}")
+        if kind != "int":
+            return float(v)
+        return int(v) if float(v).is_integer() else v  # a fractional bound is reported by validate()
+
+    return Param(path=path, kind=kind, low=num("low"), high=num("high"), log=log, step=num("step"))
+
+
+def _parse_fidelity(spec: Any, where: str) -> Fidelity | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise SpaceError(where, "fidelity", f"expected a mapping with {', '.join(_FIDELITY_KEYS)}, got {spec!r}")
+    extra = sorted(set(spec) - set(_FIDELITY_KEYS))
+    if extra:
+        raise SpaceError(where, f"fidelity.{extra[0]}", f"unknown key; known: {', '.join(_FIDELITY_KEYS)}")
+    for k in ("max_t", "grace_period"):
+        if k not in spec:
+            raise SpaceError(where, f"fidelity.{k}", "required")
+        if isinstance(spec[k], bool) or not isinstance(spec[k], int):
+            raise SpaceError(where, f"fidelity.{k}", f"expected an integer, got {spec[k]!r}")
+    return Fidelity(
+        time_attr=_string(spec.get("time_attr", DEFAULT_TIME_ATTR), where, "fidelity.time_attr"),
+        max_t=spec["max_t"],
+        grace_period=spec["grace_period"],
+        reduction_factor=_number(spec.get("reduction_factor", DEFAULT_REDUCTION_FACTOR), where,
+                                 "fidelity.reduction_factor"),
+    )
+
+
+def space_from_dict(data: Any, *, source: str | Path | None = None, name: str | None = None) -> SearchSpace:
+    """Build and :func:`validate` a space from its YAML mapping; ``source`` is the file it came from."""
+    where = str(source) if source is not None else "<search space>"
+    if not isinstance(data, Mapping):
+        raise SpaceError(where, "<top level>", f"expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in _REQUIRED_KEYS + _OPTIONAL_KEYS:
+            raise SpaceError(where, str(key), f"unknown key; known: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}")
+    for key in _REQUIRED_KEYS:
+        if key not in data:
+            raise SpaceError(where, key, "required key is missing")
+    stages = data["stages"]
+    if not (stages == "all" or isinstance(stages, list) and all(isinstance(s, str) for s in stages)):
+        raise SpaceError(where, "stages", f"expected a list of stage names ({', '.join(STAGES)}) or 'all', "
+                         f"got {stages!r}")
+    try:
+        stages = parse_stages(stages)
+    except ValueError as exc:
+        raise SpaceError(where, "stages", str(exc)) from None
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
+        raise SpaceError(where, "overrides", f"expected a mapping of config paths to values, got {overrides!r}")
+    params = data["params"]
+    if not isinstance(params, Mapping):
+        raise SpaceError(where, "params", f"expected a mapping of config paths to distributions, got {params!r}")
+    num_samples = data.get("num_samples", DEFAULT_NUM_SAMPLES)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise SpaceError(where, "num_samples", f"expected an integer, got {num_samples!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise SpaceError(where, "description", f"expected text, got {description!r}")
+    space = SearchSpace(
+        name=name or (Path(source).stem if source is not None else "space"),
+        base=_string(data["base"], where, "base"),
+        overrides=dict(overrides),
+        params=tuple(_parse_param(path, spec, where) for path, spec in params.items()),
+        metric=_string(data["metric"], where, "metric"),
+        mode=data["mode"],
+        stages=tuple(stages),
+        fidelity=_parse_fidelity(data.get("fidelity"), where),
+        tune_split=_string(data["tune_split"], where, "tune_split"),
+        heldout_split=_string(data["heldout_split"], where, "heldout_split"),
+        num_samples=num_samples,
+        source=Path(source) if source is not None else None,
+        description=description,
+    )
+    validate(space)
+    return space
+
+
+def _validate_param(p: Param, space: SearchSpace) -> None:
+    where, key = space.where, f"params.{p.path}"
+    try:
+        tp = field_type(p.path)
+    except ConfigError as exc:
+        raise SpaceError(where, key, f"unknown parameter path ({exc})") from None
+    section = p.path.partition(".")[0]
+    stage = SECTION_STAGE.get(section)
+    if stage is not None and stage not in space.stages:
+        raise SpaceError(where, key, f"section {section!r} is read by the {stage!r} stage, which stages "
+                         f"{list(space.stages)} do not run")
+    if p.kind not in KINDS:
+        raise SpaceError(where, f"{key}.kind", f"unknown distribution {p.kind!r}; expected one of {', '.join(KINDS)}")
+    if p.kind == "categorical":
+        if not p.choices:
+            raise SpaceError(where, f"{key}.choices", "no choices: a categorical parameter needs at least one")
+        for i, choice in enumerate(p.choices):
+            try:
+                check_value(tp, choice, p.path)
+            except ConfigError as exc:
+                raise SpaceError(where, f"{key}.choices[{i}]", f"wrong type for the field ({exc})") from None
+        if len(set(map(repr, p.choices))) != len(p.choices):
+            raise SpaceError(where, f"{key}.choices", f"repeated choices in {list(p.choices)}")
+        return
+    needed = float if p.kind in ("uniform", "loguniform") else int
+    if tp is not needed:
+        hint = "int or categorical" if tp is int else "categorical" if tp is not float else "uniform or loguniform"
+        raise SpaceError(where, f"{key}.kind", f"a {p.kind} distribution needs a {needed.__name__} field, but "
+                         f"{p.path} is {getattr(tp, '__name__', tp)}; use {hint}")
+    assert p.low is not None and p.high is not None
+    if p.kind == "int":
+        for bound, v in (("low", p.low), ("high", p.high), ("step", p.step)):
+            if v is not None and (isinstance(v, bool) or not float(v).is_integer()):
+                raise SpaceError(where, f"{key}.{bound}", f"expected an integer, got {v!r}")
+    if not p.low < p.high:
+        raise SpaceError(where, key, f"empty range: low {p.low} must be below high {p.high}")
+    if p.log and p.low <= 0:
+        raise SpaceError(where, f"{key}.low", f"a log-scale range needs low > 0, got {p.low}")
+    if p.kind == "loguniform" and not p.log:
+        raise SpaceError(where, f"{key}.log", "a loguniform parameter is log-scaled")
+    if p.step is not None:
+        if not p.step > 0:
+            raise SpaceError(where, f"{key}.step", f"expected a positive step, got {p.step}")
+        if p.log and p.step != 1:
+            raise SpaceError(where, f"{key}.step", "a log-scaled parameter takes no step (Optuna forbids both)")
+        k = (p.high - p.low) / p.step
+        if not _close(k, round(k)):
+            raise SpaceError(where, f"{key}.step", f"step {p.step} does not divide the range [{p.low}, {p.high}]")
+
+
+def _validate_splits(space: SearchSpace, cfg: PipelineConfig) -> None:
+    """Derived halves must be halves of the split the metric is measured on; no mixing with files."""
+    where = space.where
+    field_name = TUNE_METRICS[space.metric][1]
+    eval_split = getattr(cfg.data, field_name)
+    if space._derived_halves(cfg):
+        return
+    for key, name, suffix in (("tune_split", space.tune_split, TUNE_SUFFIX),
+                              ("heldout_split", space.heldout_split, HELDOUT_SUFFIX)):
+        if name.endswith((TUNE_SUFFIX, HELDOUT_SUFFIX)):
+            raise SpaceError(where, key, f"{name!r} looks like a derived half, but {space.metric} is measured on "
+                             f"data.{field_name} = {eval_split!r}: use {eval_split + TUNE_SUFFIX!r} and "
+                             f"{eval_split + HELDOUT_SUFFIX!r}, or names of id-list files without these suffixes")
+
+
+def validate(space: SearchSpace) -> None:
+    """Check a space against the config schema and the pipeline; raise :class:`SpaceError`.
+
+    Checks: stage names and order, the metric (a ``*_tune`` metric of a stage that runs), the mode,
+    the protocol's two splits (distinct; derived halves of the metric's evaluation split, or both
+    id-list files), the fidelity, every override (known path, right type, not a searched
+    parameter), every parameter (known path, a distribution that fits the field's type, a non-empty
+    range or choice list, choices of the field's type) and that the base config's values - the
+    reference point - lie inside the space.
+    """
+    where = space.where
+    try:
+        if tuple(space.stages) != parse_stages(list(space.stages)):
+            raise ValueError(f"expected them once each, in pipeline order {', '.join(STAGES)}")
+    except ValueError as exc:
+        raise SpaceError(where, "stages", f"{list(space.stages)}: {exc}") from None
+    if space.metric not in TUNE_METRICS:
+        hint = ""
+        if space.metric.endswith(("_miou", HELDOUT_SUFFIX)):
+            hint = " (it covers held-out images; a search optimises the *_tune half only)"
+        raise SpaceError(where, "metric", f"{space.metric!r} cannot be optimised{hint}; expected one of "
+                         f"{', '.join(TUNE_METRICS)}")
+    metric_stage = TUNE_METRICS[space.metric][0]
+    if metric_stage not in space.stages:
+        raise SpaceError(where, "metric", f"{space.metric!r} is reported by the {metric_stage!r} stage, which "
+                         f"stages {list(space.stages)} do not run")
+    if space.mode not in ("max", "min"):
+        raise SpaceError(where, "mode", f"expected 'max' or 'min', got {space.mode!r}")
+    if space.tune_split == space.heldout_split:
+        raise SpaceError(where, "heldout_split", f"{space.heldout_split!r} is also the tune_split; the best config "
+                         "must be scored on images the search never saw")
+    if space.num_samples < 1:
+        raise SpaceError(where, "num_samples", f"expected at least 1 trial, got {space.num_samples}")
+    f = space.fidelity
+    if f is not None:
+        if f.max_t < 1:
+            raise SpaceError(where, "fidelity.max_t", f"expected >= 1, got {f.max_t}")
+        if not 1 <= f.grace_period <= f.max_t:
+            raise SpaceError(where, "fidelity.grace_period", f"expected 1 <= grace_period <= max_t ({f.max_t}), "
+                             f"got {f.grace_period}")
+        if not f.reduction_factor > 1:
+            raise SpaceError(where, "fidelity.reduction_factor", f"expected > 1, got {f.reduction_factor}")
+    searched = {p.path for p in space.params}
+    for path, value in space.overrides.items():
+        key = f"overrides.{path}"
+        if path in _SPLIT_FIELDS:
+            raise SpaceError(where, key, "set the protocol's splits with the top-level tune_split/heldout_split")
+        if path in searched:
+            raise SpaceError(where, key, "is also a searched parameter; a fixed override would hide the search")
+        try:
+            check_value(field_type(path), value, path)
+        except ConfigError as exc:
+            raise SpaceError(where, key, str(exc)) from None
+    if not space.params:
+        raise SpaceError(where, "params", "no parameters to search")
+    if len(searched) != len(space.params):
+        raise SpaceError(where, "params", "a parameter path appears twice")
+    for p in space.params:
+        _validate_param(p, space)
+    try:
+        cfg = space._config_without_splits()
+    except ConfigError as exc:
+        raise SpaceError(where, "base", str(exc)) from None
+    _validate_splits(space, cfg)
+    reference = space.reference_point()
+    for p in space.params:
+        value = reference[p.path]
+        if not p.contains(value):
+            raise SpaceError(where, f"params.{p.path}", f"the base config's value {value!r} lies outside "
+                             f"{p.describe()}; the reference point is evaluated first as the warm start, "
+                             "so the space must contain it")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def list_spaces() -> dict[str, Path]:
+    """Built-in search spaces by name (``eps``, ``synth_rw``, ...), shipped as package data."""
+    root = resources.files("wsss_tune.search_spaces")
+    out = {entry.name[: -len(".yaml")]: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
+    return dict(sorted(out.items()))
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """Load and validate a built-in space by name or a YAML file by path."""
+    builtins = list_spaces()
+    text = str(name_or_path)
+    if text in builtins:
+        path = builtins[text]
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise SpaceError(text, "<file>", f"no such file and not a built-in search space "
+                             f"(built-in: {', '.join(builtins)})")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise SpaceError(str(path), "<yaml>", f"not valid YAML ({exc})") from None
+    return space_from_dict(data if data is not None else {}, source=path, name=path.stem)

@@ -1,0 +1,769 @@
+"""AffinityNet stage and random-walk refinement: train on the EPS output, cache affinities, walk.
+
+DESIGN.md §2 "AffinityNet" and "Random walk". One image's path through this module:
+
+1. :func:`train_affinity` - the image and its label map (the EPS pseudo mask, or dual-threshold labels
+   from the EPS CAMs) are resized, flipped, jittered and cropped together (255 padding), the label map
+   is reduced to the feature stride (:func:`~wsss_tune.ops.affinity.labels_at_stride`) and turned into
+   background-positive / foreground-positive / negative pairs within the radius; the AffinityNet
+   features give pair affinities and the three-part loss. Checkpoints resume exactly; the final
+   weights go to ``out_dir/model.pt``.
+2. :func:`compute_affinities` - one forward per image at full size (zero-padded to a multiple of the
+   stride, as the reference), affinities saved once as ``aff/<id>.npy`` (float16), so β, α, t and the
+   border handling of the walk can change without a network forward.
+3. :func:`run_random_walk` - the stride-level scores rebuilt from the EPS CAMs (background
+   ``(1 - max CAM)^α`` and the class maps, pooled as the reference), propagated by the sparse walk for
+   several t in one pass, upsampled, argmax: refined masks ``masks/<id>.png`` and their mIoU per t.
+
+Stored affinities use the padded pair geometry of :mod:`wsss_tune.ops.neighbors` (one entry per pixel
+and offset, 0 for pairs that leave the map). The reference geometry is a crop of it: a pair that lies
+inside the map has the same affinity in both, so one file serves ``rw.pad_border`` on and off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss_tune.config import AffinityConfig, PipelineConfig, RWConfig, to_dict
+from wsss_tune.data import TrainTransform, VOCLayout, normalize_image, save_mask_png
+from wsss_tune.models.affinity_net import AffinityNet, build_affinity_net
+from wsss_tune.ops.affinity import (
+    affinity_from_features,
+    affinity_labels,
+    affinity_loss,
+    dual_threshold_labels,
+    labels_at_stride,
+    scores_at_stride,
+)
+from wsss_tune.ops.metric import ConfusionMatrix
+from wsss_tune.ops.neighbors import neighbor_offsets, pair_crop
+from wsss_tune.ops.random_walk import random_walk, rw_labels, rw_scores_from_cams
+from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages.common import (
+    CheckpointManager,
+    StageResult,
+    build_optimizer,
+    capture_rng,
+    make_loader,
+    restore_rng,
+    set_poly_lr,
+)
+
+# Folder bookkeeping shared with the EPS runner (candidates for stages.common).
+from wsss_tune.stages.eps import (
+    _claim_folder,
+    _file_sha256,
+    _needs_grad_scaler,
+    _save_state_dict,
+    _to_device,
+    load_cams,
+)
+from wsss_tune.stages.evaluate import miou_metrics, score_masks, tune_heldout_ids
+from wsss_tune.utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, seed_everything
+
+__all__ = [
+    "MODEL_FILE",
+    "SUMMARY_FILE",
+    "AFF_DIR",
+    "AFF_META_FILE",
+    "TRAIN_HFLIP",
+    "TRAIN_JITTER",
+    "CHANNELS_LAST",
+    "AffinityTrainSet",
+    "EPSMaskLabels",
+    "DualThresholdLabels",
+    "max_steps",
+    "rw_t_values",
+    "train_affinity",
+    "compute_affinities",
+    "load_affinity",
+    "run_affinity",
+    "run_random_walk",
+]
+
+#: Final weights of a training run (an ``AffinityNet`` state dict).
+MODEL_FILE = "model.pt"
+#: Written next to the model when training finished: the last logged losses.
+SUMMARY_FILE = "train_summary.json"
+#: Folder (inside the stage folder) of the cached affinities ``<id>.npy``.
+AFF_DIR = "aff"
+#: Geometry, radius and stride of the cached affinities, and the model they came from.
+AFF_META_FILE = "meta.json"
+#: Horizontal flip during training (PSA ``train_aff.py``: ``imutils.RandomHorizontalFlip``).
+TRAIN_HFLIP = True
+#: Colour jitter (brightness, contrast, saturation, hue) on the image only (PSA ``train_aff.py``:
+#: ``ColorJitter(0.3, 0.3, 0.3, 0.1)``).
+TRAIN_JITTER: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+#: channels_last memory format on CUDA (no ``affinity.channels_last`` field yet; EPS defaults to on).
+CHANNELS_LAST = True
+#: Training settings of a folder, compared on every start so a resume never mixes two configs.
+_TRAIN_KEY_FILE = "train_key.json"
+_CHECKPOINT_DIR = "checkpoints"
+#: AffinityConfig fields that change nothing the stage writes (logging / checkpoint cadence).
+_NEUTRAL_FIELDS = ("log_every", "checkpoint_every")
+#: DataConfig fields that decide what training sees.
+_DATA_TRAIN_FIELDS = ("root", "image_dir", "train_split")
+#: Stored affinity geometry: every pixel is a "from" pixel (``pad_border=True`` of the ops).
+_GEOMETRY = "padded"
+#: Floor of the per-pixel score sum when walked scores become probabilities for the CRF.
+_PROB_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_affinity_config(a: AffinityConfig) -> None:
+    for name in ("batch_size", "crop_size", "log_every", "checkpoint_every", "epochs"):
+        if getattr(a, name) <= 0:
+            raise ValueError(f"affinity.{name}: expected a positive integer, got {getattr(a, name)}")
+    if a.iterations < 0:
+        raise ValueError(f"affinity.iterations: expected >= 0 (0 = use affinity.epochs), got {a.iterations}")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise ValueError(f"affinity.lr: expected a positive finite learning rate, got {a.lr}")
+    low, high = a.resize_long
+    if not 0 < low <= high:
+        raise ValueError(f"affinity.resize_long: expected [low, high] with 0 < low <= high, got {list(a.resize_long)}")
+    if not 0 < a.alpha_low < a.alpha_high:
+        raise ValueError(f"affinity.alpha_low / alpha_high: expected 0 < alpha_low < alpha_high, got "
+                         f"{a.alpha_low} / {a.alpha_high}")
+    neighbor_offsets(a.radius)  # raises for a radius < 2
+
+
+def _check_rw_config(r: RWConfig) -> None:
+    if not (r.beta > 0 and math.isfinite(r.beta)):
+        raise ValueError(f"rw.beta: expected a positive finite exponent, got {r.beta}")
+    if r.logt < 0:
+        raise ValueError(f"rw.logt: expected >= 0 (t = 2**logt steps), got {r.logt}")
+    if not (r.alpha > 0 and math.isfinite(r.alpha)):
+        raise ValueError(f"rw.alpha: expected a positive finite exponent, got {r.alpha}")
+
+
+def _backbone_name(cfg: PipelineConfig) -> str:
+    return cfg.affinity.backbone or cfg.eps.backbone
+
+
+def max_steps(cfg: AffinityConfig, num_images: int) -> int:
+    """Training length: ``iterations`` if > 0, else ``num_images // batch_size * epochs`` (PSA ``train_aff.py``)."""
+    if cfg.iterations > 0:
+        return cfg.iterations
+    steps = num_images // cfg.batch_size * cfg.epochs
+    if steps <= 0:
+        raise ValueError(f"affinity: {num_images} training images make no full batch of {cfg.batch_size}; "
+                         "lower affinity.batch_size or set affinity.iterations")
+    return steps
+
+
+def rw_t_values(cfg: RWConfig, t_values: Sequence[int] | None = None) -> list[int]:
+    """Walk lengths to evaluate: ``t_values`` (default ``1, 2, 4, ..., 2**logt``) plus the configured ``2**logt``."""
+    base = [2**k for k in range(cfg.logt + 1)] if t_values is None else list(t_values)
+    bad = [t for t in base if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+    if bad:
+        raise ValueError(f"t_values: expected non-negative integers, got {bad!r}")
+    return sorted({*base, 2**cfg.logt})
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _union_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
+    return list(dict.fromkeys([*layout.split_ids(cfg.data.train_split), *layout.split_ids(cfg.data.mask_eval_split)]))
+
+
+def _require(paths: Sequence[Path], what: str, hint: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} {what} file(s) not found: {shown} ({hint})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------------
+
+
+class EPSMaskLabels:
+    """Label source ``eps_masks``: the EPS pseudo mask ``<mask_dir>/<id>.png`` (0..C, 255), the seed's design."""
+
+    def __init__(self, *, layout: VOCLayout, mask_dir: Path) -> None:
+        self.layout, self.mask_dir = layout, Path(mask_dir)
+
+    def paths(self, ids: Sequence[str]) -> list[Path]:
+        return [self.mask_dir / f"{i}.png" for i in ids]
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        """Shape: returns uint8 ``(H, W)``."""
+        return self.layout.load_mask(image_id, self.mask_dir)
+
+
+class DualThresholdLabels:
+    """Label source ``cam_dual``: the PSA reference's labels from the EPS CAMs ``<cam_dir>/<id>.npz``.
+
+    Confident foreground from the low-α background, confident background from the high-α one, the rest
+    255 (:func:`~wsss_tune.ops.affinity.dual_threshold_labels`, without the reference's dense CRF). The
+    labels are made at the image resolution and reduced to the feature stride after the crop, like the
+    EPS masks.
+    """
+
+    def __init__(self, *, num_classes: int, cam_dir: Path, alpha_low: float, alpha_high: float) -> None:
+        self.num_classes, self.cam_dir = num_classes, Path(cam_dir)
+        self.alpha_low, self.alpha_high = alpha_low, alpha_high
+
+    def paths(self, ids: Sequence[str]) -> list[Path]:
+        return [self.cam_dir / f"{i}.npz" for i in ids]
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        """Shape: returns uint8 ``(H, W)``."""
+        path = self.cam_dir / f"{image_id}.npz"
+        cams, keys = load_cams(path)
+        if keys.max() > self.num_classes:
+            raise ValueError(f"{path}: class key {int(keys.max())} exceeds the dataset's {self.num_classes} classes")
+        full = torch.zeros(self.num_classes, *cams.shape[1:])
+        labels = torch.zeros(self.num_classes)
+        cls = torch.from_numpy(keys[:-1] - 1)
+        full[cls] = torch.from_numpy(cams[:-1])
+        labels[cls] = 1.0
+        out = dual_threshold_labels(full, alpha_low=self.alpha_low, alpha_high=self.alpha_high, labels=labels)
+        return out.numpy()
+
+
+class AffinityTrainSet:
+    """Images with label maps, augmented together (the ``get(i, rng)`` protocol of ``make_loader``).
+
+    Args:
+        layout: dataset.
+        ids: training image ids.
+        labels: ``id -> (H, W) uint8`` label map (:class:`EPSMaskLabels` or :class:`DualThresholdLabels`).
+        transform: joint resize / flip / jitter / crop; the mask is padded with 255.
+
+    Items: ``{"image": float (3, s, s), "mask": long (s, s)}``, ``s`` the crop size.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: VOCLayout,
+        ids: Sequence[str],
+        labels: Callable[[str], np.ndarray],
+        transform: TrainTransform,
+    ) -> None:
+        if not ids:
+            raise ValueError("AffinityTrainSet: no training ids")
+        self.layout, self.ids, self.labels, self.transform = layout, list(ids), labels, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, index: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        image_id = self.ids[index]
+        image = self.layout.load_image(image_id)
+        label = self.labels(image_id)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"labels of {image_id!r}: size {label.shape} differs from the image "
+                             f"{self.layout.image_path(image_id)} ({image.shape[0]}, {image.shape[1]})")
+        out = self.transform({"image": image, "mask": label}, rng)
+        return {"image": out["image"], "mask": out["mask"]}
+
+
+def _label_source(cfg: PipelineConfig, layout: VOCLayout, eps_dir: Path) -> EPSMaskLabels | DualThresholdLabels:
+    a = cfg.affinity
+    if a.label_source == "eps_masks":
+        return EPSMaskLabels(layout=layout, mask_dir=eps_dir / "masks")
+    if a.label_source == "cam_dual":
+        return DualThresholdLabels(num_classes=layout.num_classes, cam_dir=eps_dir / "cams",
+                                   alpha_low=a.alpha_low, alpha_high=a.alpha_high)
+    raise ValueError(f"affinity.label_source: expected 'eps_masks' or 'cam_dual', got {a.label_source!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+_PARTS = ("bg", "fg", "neg")
+
+
+class _LogWindow:
+    """Loss, part losses and pair counts summed since the last log; saved in checkpoints."""
+
+    _KEYS = ("loss", *_PARTS, *(f"{p}_count" for p in _PARTS))
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sums = dict.fromkeys(self._KEYS, 0.0)
+
+    def add(self, loss: float, parts: Mapping[str, Tensor]) -> None:
+        self.steps += 1
+        self.sums["loss"] += loss
+        for key in self._KEYS[1:]:
+            self.sums[key] += float(parts[key])
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        out = {"affinity/loss": self.sums["loss"] / n}
+        for p in _PARTS:
+            out[f"affinity/loss_{p}"] = self.sums[p] / n
+            out[f"affinity/pairs_{p}"] = self.sums[f"{p}_count"] / n
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"steps": self.steps, **self.sums}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.sums = {k: float(state[k]) for k in self._KEYS}
+
+
+def _train_key(cfg: PipelineConfig, eps_model: Path | None) -> dict[str, Any]:
+    aff = {k: v for k, v in to_dict(cfg.affinity).items() if k not in _NEUTRAL_FIELDS}
+    aff["backbone"] = _backbone_name(cfg)
+    data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
+    key: dict[str, Any] = {"affinity": aff, "data": data, "seed": cfg.run.seed}
+    if eps_model is not None:
+        key["eps_model_sha256"] = _file_sha256(eps_model)
+    return key
+
+
+def _build_model(cfg: PipelineConfig, *, init_state: Mapping[str, Any] | None, pretrained: str) -> AffinityNet:
+    a = cfg.affinity
+    return build_affinity_net(backbone=_backbone_name(cfg), widths=a.widths, out_channels=a.out_channels,
+                              init_state=init_state, pretrained=pretrained)
+
+
+def _prepare(model: AffinityNet, device: torch.device) -> AffinityNet:
+    model = model.to(device)
+    if CHANNELS_LAST and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_affinity(
+    cfg: PipelineConfig,
+    *,
+    eps_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+    eps_model: Path | None = None,
+) -> Path:
+    """Train AffinityNet on the EPS output and return ``out_dir/model.pt``.
+
+    The backbone starts from the EPS checkpoint (``affinity.init: eps``; ``eps_model``, default
+    ``eps_dir/model.pt``) or from ``affinity.pretrained`` (``imagenet``; empty = random init). Labels
+    per ``affinity.label_source``: the EPS pseudo masks ``eps_dir/masks`` (the seed's design) or the
+    PSA dual-threshold labels from ``eps_dir/cams``. Each batch: joint augmentation with 255 mask
+    padding, labels at the feature stride, pair labels within ``affinity.radius``, the
+    ``bg/4 + fg/4 + neg/2`` loss. SGD/Adam, backbone at ``lr`` and the new layers at
+    ``lr * head_lr_mult``, poly decay every step; ``affinity.momentum`` is explicit (its default 5e-4
+    reproduces the reference's weight-decay-in-the-momentum-slot quirk). ``iterations > 0`` overrides
+    ``epochs`` (``len(train) // batch * epochs`` steps otherwise).
+
+    Reports ``affinity/loss``, ``affinity/loss_{bg,fg,neg}``, ``affinity/pairs_{bg,fg,neg}`` (mean pair
+    counts per batch) and ``affinity/lr`` every ``log_every`` steps; checkpoints (model, optimizer,
+    step, RNG, grad scaler, log window) every ``checkpoint_every`` steps and at the end, and a restart
+    resumes from the newest one. A finished folder is returned as is.
+
+    Raises:
+        DivergedError: the loss became NaN/inf (checked every step, before the update).
+        FileNotFoundError: the EPS model or label files are missing.
+        ValueError: bad config values, or ``out_dir`` holds a run with other training settings.
+    """
+    a = cfg.affinity
+    _check_affinity_config(a)
+    device = device if device is not None else resolve_device(cfg.run.device)
+    eps_dir, out_dir = Path(eps_dir), Path(out_dir)
+    eps_model = Path(eps_model) if eps_model is not None else eps_dir / MODEL_FILE
+    if a.init == "eps" and not eps_model.is_file():
+        raise FileNotFoundError(f"{eps_model}: EPS model not found; affinity.init is 'eps', which starts "
+                                "AffinityNet from the EPS backbone (pass eps_model or set affinity.init=imagenet)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out_dir / _TRAIN_KEY_FILE, _train_key(cfg, eps_model if a.init == "eps" else None),
+                  "AffinityNet training run")
+    model_path = out_dir / MODEL_FILE
+    if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
+        return model_path
+
+    layout = VOCLayout.from_config(cfg.data)
+    ids = layout.split_ids(cfg.data.train_split)
+    labels = _label_source(cfg, layout, eps_dir)
+    _require(labels.paths(ids), f"affinity.label_source={a.label_source!r} label",
+             f"expected the EPS output of every {cfg.data.train_split!r} image in {eps_dir}")
+    transform = TrainTransform(crop_size=a.crop_size, resize_long=a.resize_long, hflip=TRAIN_HFLIP,
+                               jitter=TRAIN_JITTER)
+    dataset = AffinityTrainSet(layout=layout, ids=ids, labels=labels, transform=transform)
+    total = max_steps(a, len(dataset))
+
+    seed_everything(cfg.run.seed)
+    init_state = torch.load(eps_model, map_location="cpu", weights_only=True) if a.init == "eps" else None
+    model = _build_model(cfg, init_state=init_state, pretrained=a.pretrained if a.init == "imagenet" else "")
+    stride = model.output_stride
+    if a.crop_size % stride:
+        raise ValueError(f"affinity.crop_size: {a.crop_size} is not a multiple of the backbone's output stride "
+                         f"{stride}, so labels and features would not line up")
+    model = _prepare(model, device)
+    optimizer = build_optimizer(model.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer,
+                                lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if _needs_grad_scaler(device, a.amp) else None
+    ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
+    window = _LogWindow()
+    last_logged: dict[str, float] = {}
+
+    latest = ckpts.latest()
+    start = latest[0] if latest is not None else 0
+    if start > total:
+        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {start}, past the {total} training steps")
+    # Created before the RNG is restored: creating it draws from the global RNG, as at step 0.
+    loader = make_loader(dataset, batch_size=a.batch_size, seed=cfg.run.seed, start_step=start,
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if latest is not None:
+        state = latest[1]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        window.load(state["window"])
+        last_logged = {k: float(v) for k, v in state["last_logged"].items()}
+        restore_rng(state["rng"])
+
+    model.train()
+    for step in range(start + 1, total + 1):
+        batch = next(loader)
+        lr = set_poly_lr(optimizer, a.lr, step - 1, total, a.poly_power)
+        image = _to_device(batch["image"], device, CHANNELS_LAST)
+        mask = batch["mask"].to(device, non_blocking=True)
+        with autocast(device, a.amp):
+            feats = model(image)
+        small = labels_at_stride(mask, stride)
+        if small.shape[-2:] != feats.shape[-2:]:
+            raise ValueError(f"labels at stride {stride} are {tuple(small.shape[-2:])} but the features are "
+                             f"{tuple(feats.shape[-2:])} for crop {a.crop_size}")
+        aff = affinity_from_features(feats.float(), radius=a.radius)
+        bg_pos, fg_pos, neg = affinity_labels(small, radius=a.radius)
+        loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
+        loss_value = loss.item()
+        check_finite("affinity/loss", loss_value, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        window.add(loss_value, {k: v.detach() for k, v in parts.items()})
+
+        metrics: dict[str, Any] = {}
+        if step % a.log_every == 0 or step == total:
+            last_logged = window.summary()
+            for name, value in last_logged.items():
+                check_finite(name, value, step=step)
+            metrics.update(last_logged)
+            window = _LogWindow()
+        checkpoint_dir = None
+        if step % a.checkpoint_every == 0 or step == total:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "rng": capture_rng(), "window": window.state(), "last_logged": last_logged}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            ckpts.save(step, state)
+            checkpoint_dir = str(ckpts.directory)
+        if metrics or checkpoint_dir:
+            metrics["affinity/lr"] = lr
+            reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+
+    _save_state_dict(model_path, model)
+    atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": stride, **last_logged})
+    return model_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Affinity cache
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _image_affinity(model: AffinityNet, image: np.ndarray, *, radius: int, amp: bool, device: torch.device) -> Tensor:
+    """Affinities of one image in the padded geometry.
+
+    The normalised image is zero-padded at the bottom and right to a multiple of the stride, as the
+    reference (``infer_aff.py``), and the features cover that padded grid.
+
+    Shape:
+        image: (H, W, 3) uint8 -> (D, ceil(H/s), ceil(W/s)) float32 on ``device``
+    """
+    stride = model.output_stride
+    x = normalize_image(image)
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, -w % stride, 0, -h % stride))[None]
+    with autocast(device, amp):
+        feats = model(_to_device(x, device, CHANNELS_LAST))
+    want = (x.shape[-2] // stride, x.shape[-1] // stride)
+    if tuple(feats.shape[-2:]) != want:
+        raise ValueError(f"AffinityNet features are {tuple(feats.shape[-2:])} for a padded input "
+                         f"{tuple(x.shape[-2:])}; expected {want} at stride {stride}")
+    return affinity_from_features(feats.float(), radius=radius, pad_border=True)[0]
+
+
+def compute_affinities(
+    cfg: PipelineConfig,
+    *,
+    model_path: Path,
+    ids: Sequence[str],
+    out_dir: Path,
+    device: torch.device | None = None,
+) -> Path:
+    """Affinities of ``ids`` with a trained AffinityNet, one forward per image, cached.
+
+    Writes ``out_dir/aff/<id>.npy`` (float16 ``(D, h, w)``: ``D`` offsets of ``affinity.radius``, ``h, w``
+    the feature grid of the image zero-padded to a multiple of the stride; padded pair geometry, see the
+    module docstring) and ``out_dir/aff/meta.json`` (radius, stride, geometry, model hash). Files are
+    written atomically; ids already done are skipped, and a different model or radius clears the folder.
+
+    Returns:
+        The ``aff`` folder.
+    """
+    a = cfg.affinity
+    device = device if device is not None else resolve_device(cfg.run.device)
+    model_path, aff_dir = Path(model_path), Path(out_dir) / AFF_DIR
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: AffinityNet model not found (train it with train_affinity first)")
+    model = _build_model(cfg, init_state=None, pretrained="")
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    meta = {"radius": a.radius, "stride": model.output_stride, "geometry": _GEOMETRY,
+            "directions": len(neighbor_offsets(a.radius)), "model_sha256": _file_sha256(model_path)}
+    meta_path = aff_dir / AFF_META_FILE
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        shutil.rmtree(aff_dir)
+    aff_dir.mkdir(parents=True, exist_ok=True)
+    if not meta_path.is_file():
+        atomic_write_json(meta_path, meta)
+
+    pending = [i for i in dict.fromkeys(ids) if not (aff_dir / f"{i}.npy").is_file()]
+    if pending:
+        layout = VOCLayout.from_config(cfg.data)
+        model = _prepare(model, device).eval()
+        for image_id in pending:
+            aff = _image_affinity(model, layout.load_image(image_id), radius=a.radius, amp=a.amp, device=device)
+            atomic_write_bytes(aff_dir / f"{image_id}.npy", _npy_bytes(aff.to(torch.float16).cpu().numpy()))
+    return aff_dir
+
+
+def _read_meta(aff_dir: Path) -> dict[str, Any]:
+    path = aff_dir / AFF_META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected an affinity folder written by compute_affinities")
+    meta = json.loads(path.read_text())
+    if meta.get("geometry") != _GEOMETRY:
+        raise ValueError(f"{path}: affinity geometry {meta.get('geometry')!r}; expected {_GEOMETRY!r}")
+    return meta
+
+
+def load_affinity(aff_dir: Path, image_id: str, *, pad_border: bool, meta: Mapping[str, Any] | None = None) -> Tensor:
+    """Cached affinities of one image in the walk's geometry.
+
+    ``pad_border=False`` crops the reference's "from" window (rows ``0..h-r``, columns ``r-1..w-r``) out
+    of the stored padded geometry; ``True`` returns it whole.
+
+    Shape:
+        returns float32 ``(D, h - r + 1, w - 2r + 2)``, or ``(D, h, w)`` with ``pad_border``.
+    """
+    aff_dir = Path(aff_dir)
+    meta = meta if meta is not None else _read_meta(aff_dir)
+    path = aff_dir / f"{image_id}.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: affinities of {image_id!r} not found (run compute_affinities for it)")
+    aff = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+    if aff.dim() != 3 or aff.shape[0] != meta["directions"]:
+        raise ValueError(f"{path}: expected ({meta['directions']}, h, w) affinities for radius {meta['radius']}, "
+                         f"got {tuple(aff.shape)}")
+    if pad_border:
+        return aff
+    rows, cols = pair_crop(aff.shape[1], aff.shape[2], int(meta["radius"])).from_slices()
+    return aff[:, rows, cols]
+
+
+def run_affinity(
+    cfg: PipelineConfig,
+    *,
+    eps_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+    eps_model: Path | None = None,
+) -> StageResult:
+    """Train AffinityNet (:func:`train_affinity`) and cache the affinities of ``train_split`` ∪
+    ``mask_eval_split`` (:func:`compute_affinities`).
+
+    Metrics: the last logged ``affinity/*`` losses and pair counts, and ``affinity/steps``.
+    """
+    device = device if device is not None else resolve_device(cfg.run.device)
+    out_dir = Path(out_dir)
+    model_path = train_affinity(cfg, eps_dir=eps_dir, out_dir=out_dir, reporter=reporter, device=device,
+                                eps_model=eps_model)
+    layout = VOCLayout.from_config(cfg.data)
+    aff_dir = compute_affinities(cfg, model_path=model_path, ids=_union_ids(layout, cfg), out_dir=out_dir,
+                                 device=device)
+    summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    metrics = {k: v for k, v in summary.items() if k.startswith("affinity/")}
+    metrics["affinity/steps"] = summary["steps"]
+    return StageResult(metrics=metrics, paths={"model": str(model_path), "aff": str(aff_dir),
+                                               "checkpoints": str(out_dir / _CHECKPOINT_DIR)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Random walk
+# --------------------------------------------------------------------------------------------------
+
+
+def _walk_scores(cams: np.ndarray, keys: np.ndarray, r: RWConfig, stride: int) -> tuple[Tensor, Tensor]:
+    """Input scores of the walk at the feature stride, background first, and each plane's class value.
+
+    ``power`` (reference): ``(1 - max CAM)^alpha`` from the full-resolution class maps, then zero-padded
+    to a multiple of the stride and average-pooled (``infer_aff.py``). ``learned``: the EPS background
+    channel (max-normalised) instead, pooled the same way; ``alpha`` is not used.
+
+    Shape:
+        cams: (K, H, W) labelled class maps + background last; keys: (K,) -> (K, h, w), (K,)
+    """
+    cls = torch.from_numpy(cams[:-1])
+    class_keys = torch.from_numpy(keys[:-1]).long()
+    plane_keys = torch.cat([torch.zeros(1, dtype=torch.long), class_keys])
+    if r.bg_mode == "power":
+        scores, _ = rw_scores_from_cams(cls, torch.ones(cls.shape[0]), alpha=r.alpha, stride=stride)
+    elif r.bg_mode == "learned":
+        scores = scores_at_stride(torch.cat([torch.from_numpy(cams[-1:]), cls]), stride)
+    else:
+        raise ValueError(f"rw.bg_mode: expected 'power' or 'learned', got {r.bg_mode!r}")
+    return scores, plane_keys
+
+
+def _crf_labels(walked: Tensor, image: np.ndarray, keys: Tensor, stride: int) -> Tensor:
+    """Labels after a dense CRF on the walked scores, upsampled as :func:`rw_labels` does.
+
+    Shape:
+        walked: (K, h, w); image: (H, W, 3) uint8 -> (H, W) long
+    """
+    from wsss_tune.ops.crf import dense_crf
+
+    height, width = image.shape[:2]
+    up = F.interpolate(walked[None], size=(walked.shape[1] * stride, walked.shape[2] * stride), mode="bilinear",
+                       align_corners=False)[0, :, :height, :width]
+    probs = up.clamp_min(0) / up.clamp_min(0).sum(0, keepdim=True).clamp_min(_PROB_EPS)
+    refined = torch.as_tensor(dense_crf(image, probs.cpu()))
+    return keys[refined.argmax(0)]
+
+
+def run_random_walk(
+    cfg: PipelineConfig,
+    *,
+    eps_dir: Path,
+    aff_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    t_values: Sequence[int] | None = None,
+    device: torch.device | None = None,
+) -> StageResult:
+    """Refine the EPS scores with the cached affinities and score the result for several walk lengths.
+
+    For every id of ``train_split`` ∪ ``mask_eval_split``: the walk's input scores from
+    ``eps_dir/cams/<id>.npz`` (background ``(1 - max CAM)^rw.alpha`` by default, see ``rw.bg_mode``),
+    pooled to the affinity stride; the sparse random walk with ``rw.beta`` for every t of
+    :func:`rw_t_values` in one pass (``rw.pad_border`` picks the border geometry); bilinear upsampling
+    and argmax (optionally a dense CRF first, ``rw.crf``). The masks of the configured ``t = 2**rw.logt``
+    go to ``out_dir/masks/<id>.png`` (uint8 0..C, written atomically; a rerun rewrites them).
+
+    ``aff_dir`` is the folder of ``<id>.npy`` files written by :func:`compute_affinities`.
+
+    Metrics: ``rw_miou``, ``rw_miou_tune``, ``rw_miou_heldout``, ``rw_iou/<class>`` for the configured t;
+    ``rw_miou_t/<t>`` and ``rw_miou_tune_t/<t>`` for every t; ``eps_*`` of the EPS masks the walk
+    started from, ``rw_gain`` (``rw_miou - eps_miou``) and ``rw_t``. Each t is reported with
+    ``step = t`` and the *tuning* mIoU only (``rw_miou_tune``), so a scheduler can use t as a fidelity
+    without seeing held-out images. No network runs here.
+
+    Raises:
+        FileNotFoundError: a CAM or affinity file is missing; ModuleNotFoundError: ``rw.crf`` without
+        the optional CRF package.
+    """
+    r = cfg.rw
+    _check_rw_config(r)
+    if r.crf and importlib.util.find_spec("pydensecrf") is None:
+        raise ModuleNotFoundError("rw.crf is true but the optional dense CRF package is not installed: "
+                                  "pip install 'wsss-tune[crf]' (pydensecrf2), or set rw.crf=false")
+    device = device if device is not None else resolve_device(cfg.run.device)
+    eps_dir, aff_dir, out_dir = Path(eps_dir), Path(aff_dir), Path(out_dir)
+    meta = _read_meta(aff_dir)
+    radius, stride = int(meta["radius"]), int(meta["stride"])
+    steps = rw_t_values(r, t_values)
+    t_conf = 2**r.logt
+
+    layout = VOCLayout.from_config(cfg.data)
+    eval_ids = layout.split_ids(cfg.data.mask_eval_split)
+    eval_set = set(eval_ids)
+    ids = _union_ids(layout, cfg)
+    _require([eps_dir / "cams" / f"{i}.npz" for i in ids], "EPS CAM", f"expected the EPS output in {eps_dir}")
+    _require([aff_dir / f"{i}.npy" for i in ids], "affinity", "run compute_affinities for these ids")
+    k = layout.num_classes + 1
+    per_image: dict[int, dict[str, np.ndarray]] = {t: {} for t in steps}
+    mask_dir = out_dir / "masks"
+
+    for image_id in ids:
+        cam_path = eps_dir / "cams" / f"{image_id}.npz"
+        cams, keys = load_cams(cam_path)
+        height, width = cams.shape[1:]
+        scores, plane_keys = _walk_scores(cams, keys, r, stride)
+        aff = load_affinity(aff_dir, image_id, pad_border=r.pad_border, meta=meta)
+        grid = (aff.shape[1], aff.shape[2]) if r.pad_border else (aff.shape[1] + radius - 1,
+                                                                 aff.shape[2] + 2 * (radius - 1))
+        if tuple(scores.shape[1:]) != grid:
+            raise ValueError(f"{aff_dir / (image_id + '.npy')}: affinity grid {grid} does not match the CAMs "
+                             f"{cam_path} ({height}x{width} at stride {stride} -> {tuple(scores.shape[1:])})")
+        walked = random_walk(aff.to(device), scores.to(device), radius=radius, beta=r.beta, t_values=steps,
+                             pad_border=r.pad_border)
+        image = layout.load_image(image_id) if r.crf else None
+        gt = layout.load_mask(image_id) if image_id in eval_set else None
+        for t, out in walked.items():
+            if image is not None:
+                pred = _crf_labels(out, image, plane_keys.to(out.device), stride)
+            else:
+                pred = rw_labels(out, (height, width), plane_keys, stride=stride)
+            pred_np = pred.to(torch.uint8).cpu().numpy()
+            if t == t_conf:
+                save_mask_png(mask_dir / f"{image_id}.png", pred_np)
+            if gt is not None:
+                if gt.shape != pred_np.shape:
+                    raise ValueError(f"{layout.mask_path(image_id)}: ground truth {gt.shape} differs from the "
+                                     f"CAM size {pred_np.shape} of {cam_path}")
+                per_image[t][image_id] = ConfusionMatrix(num_classes=k).update(pred_np, gt).matrix.copy()
+    mask_dir.mkdir(parents=True, exist_ok=True)
+
+    tune, held = tune_heldout_ids(layout, cfg.data, eval_ids)
+    names = layout.class_names
+    metrics: dict[str, Any] = {}
+    for t in steps:
+        m = miou_metrics("rw", per_image[t], tune_ids=tune, heldout_ids=held, class_names=names)
+        metrics[f"rw_miou_t/{t}"] = m["rw_miou"]
+        if "rw_miou_tune" in m:
+            metrics[f"rw_miou_tune_t/{t}"] = m["rw_miou_tune"]
+            reporter.report({"rw_miou_tune": m["rw_miou_tune"], "rw/t": t}, step=t)
+        if t == t_conf:
+            metrics.update(m)
+    metrics.update(score_masks("eps", layout, cfg.data, eval_ids, eps_dir / "masks"))
+    metrics["rw_gain"] = metrics["rw_miou"] - metrics["eps_miou"]
+    metrics["rw_t"] = t_conf
+    return StageResult(metrics=metrics, paths={"masks": str(mask_dir)})

@@ -1,0 +1,566 @@
+"""DeepLab stage runner: train DeepLab v1/v2 on a mask folder, score it on ``data.val_split``.
+
+DESIGN.md §2 "DeepLab" and "Metric". One image's path through this module:
+
+1. :func:`train_deeplab` - ``SegmentationDataset`` on ``data.train_split`` with the masks of any folder
+   (pseudo masks, refined masks, or the ground truth for an upper bound); random scale from
+   ``deeplab.scales``, flip, crop ``crop_size`` padded with 255 -> DeepLab (``arch`` v1/v2, optional
+   multi-scale inputs) -> cross-entropy at the resolution of each output (:func:`~wsss_tune.ops.seg_loss.msc_loss`)
+   -> SGD momentum 0.9 (or Adam) with poly LR, backbone 1x, head weights ``head_lr_mult``, head biases
+   ``head_bias_lr_mult`` without weight decay; ``accumulate`` micro-batches per update. Checkpoints resume
+   exactly; the final weights go to ``<out>/model.pt``.
+2. :func:`evaluate_deeplab` - full image, logits upsampled bilinearly to the label size, probabilities
+   averaged over ``test_scales`` (and flips with ``test_flip``), optional dense CRF on the raw RGB image,
+   argmax; one confusion matrix per image (and prediction PNGs with ``save_predictions``).
+3. :func:`run_deeplab` - both, then :func:`~wsss_tune.stages.evaluate.miou_metrics` on ``data.val_split``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss_tune.config import DeepLabConfig, PipelineConfig, to_dict
+from wsss_tune.data import SegmentationDataset, TrainTransform, VOCLayout, normalize_image, save_mask_png
+from wsss_tune.models.deeplab import build_deeplab, deeplab_param_groups
+from wsss_tune.ops.crf import dense_crf
+from wsss_tune.ops.metric import ConfusionMatrix, confusion_matrix
+from wsss_tune.ops.seg_loss import msc_loss
+from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages.common import (
+    CheckpointManager,
+    StageResult,
+    build_optimizer,
+    capture_rng,
+    make_loader,
+    restore_rng,
+    set_poly_lr,
+)
+
+# Runner helpers written once in the EPS runner (candidates for stages.common).
+from wsss_tune.stages.eps import (
+    _claim_folder,
+    _needs_grad_scaler,
+    _prepare_model,
+    _save_state_dict,
+    _SeededItems,
+    _to_device,
+)
+from wsss_tune.stages.evaluate import miou_metrics, tune_heldout_ids
+from wsss_tune.utils import atomic_write_json, autocast, resolve_device, seed_everything
+
+__all__ = [
+    "MODEL_FILE",
+    "SUMMARY_FILE",
+    "PREDICTION_DIR",
+    "TRAIN_HFLIP",
+    "CHANNELS_LAST",
+    "INFER_FIELDS",
+    "NEUTRAL_FIELDS",
+    "train_key_fields",
+    "train_key",
+    "mask_fingerprint",
+    "eval_subset_ids",
+    "build_deeplab_optimizer",
+    "load_deeplab",
+    "multiscale_probs",
+    "predict_probs",
+    "evaluate_model",
+    "train_deeplab",
+    "evaluate_deeplab",
+    "run_deeplab",
+]
+
+#: Final weights of a training run (a ``DeepLab`` state dict).
+MODEL_FILE = "model.pt"
+#: Written next to the model when training finished: the last logged loss.
+SUMMARY_FILE = "train_summary.json"
+#: Sub-folder of ``out_dir`` for prediction PNGs (``deeplab.save_predictions``).
+PREDICTION_DIR = "predictions"
+#: Horizontal flip during training: the reference (deeplab-pytorch ``VOCAug``) flips with p 0.5.
+TRAIN_HFLIP = True
+#: channels_last memory format on CUDA. Stand-in for a ``deeplab.channels_last`` field that
+#: :class:`~wsss_tune.config.DeepLabConfig` does not have yet (EPS has ``eps.channels_last``).
+CHANNELS_LAST = True
+#: DeepLabConfig fields used only at test time, never by training.
+INFER_FIELDS: tuple[str, ...] = ("test_scales", "test_flip", "crf", "save_predictions")
+#: DeepLabConfig fields that change neither the weights nor the predictions (bookkeeping only);
+#: ``mask_source`` is replaced by the content of the mask folder actually used (:func:`mask_fingerprint`).
+NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "checkpoint_every", "mask_source")
+#: DataConfig fields that decide what training sees (augmentation is seeded per sample, so not the workers).
+_DATA_TRAIN_FIELDS: tuple[str, ...] = ("root", "image_dir", "train_split")
+#: Training settings of a folder, compared on every start so a resume never mixes two configs.
+_TRAIN_KEY_FILE = "train_key.json"
+_CHECKPOINT_DIR = "checkpoints"
+#: Logits are upsampled to the label size bilinearly with ``align_corners=False`` (deeplab-pytorch
+#: ``F.interpolate(..., mode="bilinear", align_corners=False)`` at test time).
+_UPSAMPLE_MODE = "bilinear"
+
+
+# --------------------------------------------------------------------------------------------------
+# What affects what, and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def train_key_fields() -> tuple[str, ...]:
+    """DeepLabConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`."""
+    skip = set(INFER_FIELDS) | set(NEUTRAL_FIELDS)
+    return tuple(f.name for f in dataclasses.fields(DeepLabConfig) if f.name not in skip)
+
+
+def train_key(cfg: PipelineConfig, masks: str) -> dict[str, Any]:
+    """Everything that changes the trained DeepLab weights, as a plain dict.
+
+    Args:
+        cfg: The pipeline config.
+        masks: :func:`mask_fingerprint` of the training masks (where they live does not matter).
+    """
+    dl = {k: v for k, v in to_dict(cfg.deeplab).items() if k in train_key_fields()}
+    data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
+    return {"deeplab": dl, "data": data, "seed": cfg.run.seed, "masks": masks}
+
+
+def mask_fingerprint(layout: VOCLayout, ids: Sequence[str], mask_dir: str | Path) -> str:
+    """SHA-256 over the ids and the bytes of their mask files in ``mask_dir``.
+
+    Raises:
+        FileNotFoundError: ``mask_dir`` or one of the masks is missing (the first few are named).
+    """
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: mask folder not found (expected <id>.png label masks for the "
+                                "training split)")
+    paths = [layout.mask_path(i, mask_dir) for i in ids]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} of {len(paths)} training masks are missing, e.g. "
+                                f"{', '.join(missing[:3])}")
+    digest = hashlib.sha256()
+    for image_id, path in zip(ids, paths, strict=True):
+        digest.update(image_id.encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _check_config(d: DeepLabConfig) -> None:
+    positive = {"iterations": d.iterations, "batch_size": d.batch_size, "accumulate": d.accumulate,
+                "crop_size": d.crop_size, "log_every": d.log_every, "checkpoint_every": d.checkpoint_every}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"deeplab.{name}: expected a positive integer, got {value}")
+    for name, value in {"eval_every": d.eval_every, "eval_images": d.eval_images}.items():
+        if value < 0:
+            raise ValueError(f"deeplab.{name}: expected >= 0 (0 = off), got {value}")
+    for name, value in {"lr": d.lr}.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"deeplab.{name}: expected a positive finite learning rate, got {value}")
+    for name, value in {"head_lr_mult": d.head_lr_mult, "head_bias_lr_mult": d.head_bias_lr_mult,
+                        "weight_decay": d.weight_decay, "momentum": d.momentum}.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"deeplab.{name}: expected a finite value >= 0, got {value}")
+    for name, scales in {"scales": d.scales, "test_scales": d.test_scales}.items():
+        if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+            raise ValueError(f"deeplab.{name}: expected one or more positive scales, got {list(scales)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, optimiser, device helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _build_model(d: DeepLabConfig, num_classes: int, *, pretrained: str) -> nn.Module:
+    return build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=num_classes + 1, pretrained=pretrained,
+                         msc=d.msc, freeze_bn=d.freeze_bn)
+
+
+def build_deeplab_optimizer(model: nn.Module, d: DeepLabConfig) -> torch.optim.Optimizer:
+    """The runner's optimiser: :func:`~wsss_tune.models.deeplab.deeplab_param_groups` (backbone 1x,
+    head weights ``head_lr_mult`` with weight decay, head biases ``head_bias_lr_mult`` without) under
+    SGD with ``momentum`` (reference 0.9) or Adam. Learning rates are set per step by the poly schedule.
+    """
+    groups = deeplab_param_groups(model, lr=d.lr, head_lr_mult=d.head_lr_mult,
+                                  head_bias_lr_mult=d.head_bias_lr_mult, weight_decay=d.weight_decay)
+    return build_optimizer(groups, kind=d.optimizer, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay)
+
+
+def load_deeplab(cfg: PipelineConfig, model_path: str | Path, *, device: torch.device) -> nn.Module:
+    """A trained DeepLab from ``model_path`` (a :func:`train_deeplab` output) in eval mode on ``device``."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: DeepLab model not found (train it with train_deeplab first)")
+    layout = VOCLayout.from_config(cfg.data)
+    model = _build_model(cfg.deeplab, layout.num_classes, pretrained="")
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{model_path}: weights do not fit deeplab.arch={cfg.deeplab.arch!r}, "
+                         f"backbone={cfg.deeplab.backbone!r}, msc={cfg.deeplab.msc} with "
+                         f"{layout.num_classes + 1} classes ({exc})") from None
+    return _prepare_model(model, device, CHANNELS_LAST).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------------
+
+
+def multiscale_probs(
+    forward: Callable[[Tensor], Tensor],
+    image: Tensor,
+    *,
+    size: tuple[int, int],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> Tensor:
+    """Class probabilities averaged over input scales and (optionally) horizontal flips.
+
+    Each pass resizes the image bilinearly to ``int(side * s)`` (the rule of the training scales),
+    upsamples the logits bilinearly to ``size`` and takes the softmax; a flipped pass is flipped back.
+    The flipped copy runs in the same batch as the original. With ``flip`` the result is
+    flip-equivariant: the prediction for a mirrored image is the mirrored prediction.
+
+    Args:
+        forward: Maps a normalised batch to logits at any resolution (a model in eval mode).
+        image: One normalised image.
+        size: Output ``(H, W)``, normally the label size.
+        scales: Input scale factors.
+        flip: Also average over horizontally flipped inputs.
+
+    Returns:
+        float32 probabilities (summing to 1 over classes) on ``image``'s device.
+
+    Shape:
+        image: (3, h, w) -> (K, H, W)
+    """
+    if image.dim() != 3:
+        raise ValueError(f"multiscale_probs: image must be (3, h, w), got shape {tuple(image.shape)}")
+    if not scales:
+        raise ValueError("multiscale_probs: expected at least one scale")
+    h, w = image.shape[-2:]
+    x = image[None]
+    total: Tensor | None = None
+    for s in scales:
+        scaled_size = (max(1, int(h * s)), max(1, int(w * s)))
+        xs = x if scaled_size == (h, w) else F.interpolate(x, size=scaled_size, mode=_UPSAMPLE_MODE,
+                                                            align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        logits = F.interpolate(forward(batch).float(), size=size, mode=_UPSAMPLE_MODE, align_corners=False)
+        probs = logits.softmax(1)
+        summed = probs[0] + probs[1].flip(-1) if flip else probs[0]
+        total = summed if total is None else total + summed
+    assert total is not None
+    return total / (len(scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    test_scales: Sequence[float],
+    test_flip: bool,
+    crf: bool,
+    amp: bool,
+    device: torch.device,
+) -> Tensor:
+    """Test-time class probabilities of one raw image (model in eval mode).
+
+    :func:`multiscale_probs` at the image size, then, with ``crf``, a dense CRF with the reference
+    parameters (:func:`~wsss_tune.ops.crf.dense_crf`) on the raw RGB image.
+
+    Shape:
+        image: (H, W, 3) uint8 -> (K, H, W) float32 on ``device``
+    """
+    x = normalize_image(image).to(device, non_blocking=True)
+
+    def forward(batch: Tensor) -> Tensor:
+        with autocast(device, amp):
+            return model(_to_device(batch, device, CHANNELS_LAST))
+
+    probs = multiscale_probs(forward, x, size=tuple(image.shape[:2]), scales=test_scales, flip=test_flip)
+    if crf:
+        probs = dense_crf(image, probs)
+    return probs
+
+
+def evaluate_model(
+    model: nn.Module,
+    layout: VOCLayout,
+    ids: Sequence[str],
+    *,
+    test_scales: Sequence[float],
+    test_flip: bool,
+    crf: bool,
+    amp: bool,
+    device: torch.device,
+    prediction_dir: Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-image confusion matrices (K x K, rows ground truth) of ``model``'s predictions on ``ids``.
+
+    The model is switched to eval mode and back. With ``prediction_dir``, each prediction is written
+    there atomically as ``<id>.png`` (uint8 0..C, VOC palette).
+
+    Raises:
+        ValueError: an image and its ground-truth mask differ in size.
+    """
+    was_training = model.training
+    model.eval()
+    k = layout.num_classes + 1
+    out: dict[str, np.ndarray] = {}
+    try:
+        for image_id in ids:
+            image = layout.load_image(image_id)
+            gt = layout.load_mask(image_id)
+            if gt.shape != image.shape[:2]:
+                raise ValueError(f"{layout.mask_path(image_id)}: mask is {gt.shape[1]}x{gt.shape[0]} (WxH) but the "
+                                 f"image {layout.image_path(image_id)} is {image.shape[1]}x{image.shape[0]}")
+            probs = predict_probs(model, image, test_scales=test_scales, test_flip=test_flip, crf=crf, amp=amp,
+                                  device=device)
+            pred = probs.argmax(0)
+            cm = confusion_matrix(pred, torch.from_numpy(gt).to(pred.device), k)
+            out[image_id] = cm.cpu().numpy()
+            if prediction_dir is not None:
+                save_mask_png(prediction_dir / f"{image_id}.png", pred.to(torch.uint8).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def eval_subset_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
+    """The fixed images of the periodic evaluation: ``deeplab.eval_images`` ids, evenly spaced over the
+    *tuning* half of ``data.val_split`` (the held-out half is never shown to a scheduler)."""
+    tune, _ = tune_heldout_ids(layout, cfg.data, layout.split_ids(cfg.data.val_split))
+    n = min(cfg.deeplab.eval_images, len(tune))
+    if n == 0:
+        return []
+    picks = np.linspace(0, len(tune) - 1, n).round().astype(int)
+    return [tune[i] for i in dict.fromkeys(picks.tolist())]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class _LogWindow:
+    """Loss sum since the last log; saved in checkpoints so reports resume too."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.loss = 0.0
+
+    def add(self, loss: float) -> None:
+        self.steps += 1
+        self.loss += loss
+
+    def summary(self) -> dict[str, float]:
+        return {"deeplab/loss": self.loss / max(self.steps, 1)}
+
+    def state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "loss": self.loss}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.steps, self.loss = int(state["steps"]), float(state["loss"])
+
+
+def train_deeplab(
+    cfg: PipelineConfig,
+    *,
+    mask_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+) -> Path:
+    """Train DeepLab on the masks in ``mask_dir`` and return ``out_dir/model.pt``.
+
+    One step is ``accumulate`` micro-batches of ``batch_size`` crops (each micro-batch loss divided by
+    ``accumulate``, as deeplab-pytorch's ``ITER_SIZE``), then one optimiser update; the LR follows the
+    poly schedule ``lr * (1 - step / iterations) ** poly_power`` per group multiplier. The loss is
+    :func:`~wsss_tune.ops.seg_loss.msc_loss` (labels shrunk to each output, summed over the MSC outputs;
+    class-balanced with ``balanced_ce``).
+
+    Every ``log_every`` steps reports ``deeplab/loss`` (mean over the window) and ``deeplab/lr``; every
+    ``eval_every`` steps ``deeplab_miou_tune`` on :func:`eval_subset_ids` (test scales and flip as
+    configured, no CRF). Checkpoints (model, optimizer, step, RNG, grad scaler, log window) go to
+    ``out_dir/checkpoints`` every ``checkpoint_every`` steps and at the end; a restart resumes from the
+    newest and ends with the weights of an uninterrupted run. A finished folder is returned as is.
+
+    Raises:
+        DivergedError: a loss became NaN/inf (checked every micro-batch, before the update).
+        ValueError: bad config values, or ``out_dir`` holds a run with other settings or masks.
+        FileNotFoundError: ``mask_dir`` or one of its training masks is missing.
+    """
+    d = cfg.deeplab
+    _check_config(d)
+    device = device if device is not None else resolve_device(cfg.run.device)
+    out_dir, mask_dir = Path(out_dir), Path(mask_dir)
+    layout = VOCLayout.from_config(cfg.data)
+    train_ids = layout.split_ids(cfg.data.train_split)
+    key = train_key(cfg, mask_fingerprint(layout, train_ids, mask_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out_dir / _TRAIN_KEY_FILE, key, "DeepLab training run")
+    model_path = out_dir / MODEL_FILE
+    if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
+        return model_path
+
+    transform = TrainTransform(crop_size=d.crop_size, scales=d.scales, hflip=TRAIN_HFLIP)
+    dataset = _SeededItems(SegmentationDataset(layout, train_ids, transform=transform, mask_dir=mask_dir))
+    eval_ids = eval_subset_ids(layout, cfg) if d.eval_every > 0 else []
+
+    seed_everything(cfg.run.seed)
+    model = _prepare_model(_build_model(d, layout.num_classes, pretrained=d.pretrained), device, CHANNELS_LAST)
+    optimizer = build_deeplab_optimizer(model, d)
+    scaler = torch.amp.GradScaler(device.type) if _needs_grad_scaler(device, d.amp) else None
+    ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
+    window = _LogWindow()
+    last_logged: dict[str, float] = {}
+
+    latest = ckpts.latest()
+    start = latest[0] if latest is not None else 0
+    if start > d.iterations:
+        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {start}, past deeplab.iterations = "
+                         f"{d.iterations}")
+    # Created before the RNG is restored: creating the loader draws from the global RNG, as it did at
+    # step 0 of the uninterrupted run. It counts micro-batches, `accumulate` per step.
+    loader = make_loader(dataset, batch_size=d.batch_size, seed=cfg.run.seed, start_step=start * d.accumulate,
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if latest is not None:
+        state = latest[1]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        window.load(state["window"])
+        last_logged = {k: float(v) for k, v in state["last_logged"].items()}
+        restore_rng(state["rng"])
+
+    model.train()
+    for step in range(start + 1, d.iterations + 1):
+        lr = set_poly_lr(optimizer, d.lr, step - 1, d.iterations, d.poly_power)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(d.accumulate):
+            batch = next(loader)
+            image = _to_device(batch["image"], device, CHANNELS_LAST)
+            target = batch["mask"].to(device, non_blocking=True)
+            with autocast(device, d.amp):
+                outputs = model(image)
+            loss = msc_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
+            loss_value = loss.item()
+            check_finite("deeplab/loss", loss_value * d.accumulate, step=step)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            step_loss += loss_value
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        window.add(step_loss)
+
+        metrics: dict[str, Any] = {}
+        if step % d.log_every == 0 or step == d.iterations:
+            last_logged = window.summary()
+            metrics.update(last_logged)
+            metrics["deeplab/lr"] = lr
+            window = _LogWindow()
+        if eval_ids and step % d.eval_every == 0:
+            per_image = evaluate_model(model, layout, eval_ids, test_scales=d.test_scales, test_flip=d.test_flip,
+                                       crf=False, amp=d.amp, device=device)
+            cm = ConfusionMatrix(num_classes=layout.num_classes + 1)
+            for counts in per_image.values():
+                cm.merge_matrix(counts)
+            metrics["deeplab_miou_tune"] = 100.0 * cm.miou()
+        checkpoint_dir = None
+        if step % d.checkpoint_every == 0 or step == d.iterations:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "rng": capture_rng(), "window": window.state(), "last_logged": last_logged}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            ckpts.save(step, state)
+            checkpoint_dir = str(ckpts.directory)
+        if metrics or checkpoint_dir:
+            metrics.setdefault("deeplab/lr", lr)
+            reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+
+    _save_state_dict(model_path, model)
+    atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **last_logged})
+    return model_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and the stage
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_deeplab(
+    cfg: PipelineConfig,
+    *,
+    model_path: Path,
+    ids: Sequence[str],
+    out_dir: Path | None = None,
+    device: torch.device | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-image confusion matrices of a trained model on ``ids`` (see :func:`evaluate_model`).
+
+    Test settings come from ``deeplab.test_scales``, ``test_flip`` and ``crf``; with
+    ``save_predictions`` the predicted masks go to ``out_dir/predictions/<id>.png``.
+
+    Raises:
+        ValueError: ``save_predictions`` is set but no ``out_dir`` was given.
+    """
+    d = cfg.deeplab
+    _check_config(d)
+    if d.save_predictions and out_dir is None:
+        raise ValueError("deeplab.save_predictions is true but evaluate_deeplab got no out_dir to write "
+                         f"{PREDICTION_DIR}/ into")
+    device = device if device is not None else resolve_device(cfg.run.device)
+    layout = VOCLayout.from_config(cfg.data)
+    model = load_deeplab(cfg, model_path, device=device)
+    prediction_dir = Path(out_dir) / PREDICTION_DIR if d.save_predictions and out_dir is not None else None
+    return evaluate_model(model, layout, list(dict.fromkeys(ids)), test_scales=d.test_scales,
+                          test_flip=d.test_flip, crf=d.crf, amp=d.amp, device=device,
+                          prediction_dir=prediction_dir)
+
+
+def run_deeplab(
+    cfg: PipelineConfig,
+    *,
+    mask_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+) -> StageResult:
+    """Train on ``mask_dir`` in ``out_dir``, evaluate on ``data.val_split``.
+
+    Metrics: ``deeplab_miou``, ``deeplab_miou_tune``, ``deeplab_miou_heldout``, ``deeplab_iou/<class>``
+    and the last logged ``deeplab/loss``; they are also reported at step ``deeplab.iterations``.
+    """
+    device = device if device is not None else resolve_device(cfg.run.device)
+    out_dir = Path(out_dir)
+    model_path = train_deeplab(cfg, mask_dir=mask_dir, out_dir=out_dir, reporter=reporter, device=device)
+    layout = VOCLayout.from_config(cfg.data)
+    val_ids = layout.split_ids(cfg.data.val_split)
+    per_image = evaluate_deeplab(cfg, model_path=model_path, ids=val_ids, out_dir=out_dir, device=device)
+    tune, held = tune_heldout_ids(layout, cfg.data, val_ids)
+    metrics = miou_metrics("deeplab", per_image, tune_ids=tune, heldout_ids=held, class_names=layout.class_names)
+    summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    metrics.update({k: v for k, v in summary.items() if k.startswith("deeplab/")})
+    reporter.report(metrics, step=cfg.deeplab.iterations)
+    paths = {"model": str(model_path), "checkpoints": str(out_dir / _CHECKPOINT_DIR), "masks": str(mask_dir)}
+    if cfg.deeplab.save_predictions:
+        paths["predictions"] = str(out_dir / PREDICTION_DIR)
+    return StageResult(metrics=metrics, paths=paths)

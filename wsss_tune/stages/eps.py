@@ -1,0 +1,583 @@
+"""EPS stage runner: train the classifier, turn its CAMs into pseudo masks, score them.
+
+DESIGN.md §2 "EPS training" and "CAMs to pseudo masks". One image's path through this module:
+
+1. :func:`train_eps` - ``ClassificationDataset`` on ``data.train_split`` (random long-side resize, flip,
+   colour jitter, crop) -> ``EPSNet`` -> ``L_cls + L_sal`` (``method: eps``) or ``L_cls`` alone
+   (``method: cam``, the plain CAM baseline) -> SGD/Adam with poly LR. Checkpoints every
+   ``checkpoint_every`` steps resume exactly; the final weights go to ``<train_dir>/model.pt``.
+2. :func:`infer_eps` - multi-scale + flip CAMs of every image (softmax for EPS, ReLU for CAM), saved
+   compactly as ``<out>/cams/<id>.npz`` and turned into pseudo masks ``<out>/masks/<id>.png`` (0..C).
+3. :func:`run_eps` - both, then :func:`~wsss_tune.stages.evaluate.score_masks` on ``data.mask_eval_split``.
+
+Which :class:`~wsss_tune.config.EPSConfig` fields matter to which step is spelled out by
+:data:`INFER_FIELDS`, :data:`NEUTRAL_FIELDS` and :func:`train_key_fields`, so an artifact cache can reuse
+a trained model when only inference settings change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsss_tune.config import EPSConfig, PipelineConfig, to_dict
+from wsss_tune.data import (
+    ClassificationDataset,
+    TrainTransform,
+    VOCLayout,
+    normalize_image,
+    save_mask_png,
+)
+from wsss_tune.models.eps_net import EPSNet, build_eps_net
+from wsss_tune.ops.cam import cam_to_mask, multiscale_cam
+from wsss_tune.ops.eps_loss import classification_loss, eps_loss
+from wsss_tune.ops.metric import ConfusionMatrix
+from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages.common import (
+    CheckpointManager,
+    StageResult,
+    build_optimizer,
+    capture_rng,
+    make_loader,
+    restore_rng,
+    set_poly_lr,
+)
+from wsss_tune.stages.evaluate import score_masks, tune_heldout_ids
+from wsss_tune.utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, seed_everything
+
+__all__ = [
+    "INFER_FIELDS",
+    "NEUTRAL_FIELDS",
+    "MODEL_FILE",
+    "SUMMARY_FILE",
+    "TRAIN_HFLIP",
+    "train_key_fields",
+    "train_key",
+    "cam_normalization",
+    "eval_subset_ids",
+    "train_eps",
+    "infer_eps",
+    "load_cams",
+    "run_eps",
+]
+
+#: EPSConfig fields used only by CAM inference / pseudo-labelling, never by training.
+INFER_FIELDS: tuple[str, ...] = ("cam_scales", "cam_flip", "bg_threshold", "bg_mode")
+#: EPSConfig fields that change neither the trained weights nor the pseudo masks (bookkeeping only).
+NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "checkpoint_every")
+#: DataConfig fields that decide what training sees (``num_workers`` does not: augmentation is seeded
+#: per sample; ``mask_eval_split`` only feeds the periodic evaluation).
+_DATA_TRAIN_FIELDS: tuple[str, ...] = ("root", "image_dir", "saliency_dir", "label_source", "train_split")
+#: Horizontal flip during training: the reference always flips.
+TRAIN_HFLIP = True
+#: Final weights of a training run (an ``EPSNet`` state dict, backbone keys ``backbone.*``).
+MODEL_FILE = "model.pt"
+#: Written next to the model when training finished: last logged losses and per-class overlap.
+SUMMARY_FILE = "train_summary.json"
+#: Training settings of a folder, compared on every start so a resume never mixes two configs.
+_TRAIN_KEY_FILE = "train_key.json"
+#: Inference settings of a CAM/mask folder; a change invalidates the files already there.
+_INFER_KEY_FILE = "infer_key.json"
+_CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------------
+# What affects what
+# --------------------------------------------------------------------------------------------------
+
+
+def train_key_fields() -> tuple[str, ...]:
+    """EPSConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`."""
+    skip = set(INFER_FIELDS) | set(NEUTRAL_FIELDS)
+    return tuple(f.name for f in dataclasses.fields(EPSConfig) if f.name not in skip)
+
+
+def train_key(cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything in ``cfg`` that changes the trained EPS weights, as a plain dict.
+
+    ``tau``/``lam`` are left out for ``method: cam``, which has no saliency loss. The data fingerprint
+    (file contents) is not included: an artifact cache adds it.
+    """
+    eps = {k: v for k, v in to_dict(cfg.eps).items() if k in train_key_fields()}
+    if cfg.eps.method == "cam":
+        eps.pop("tau")
+        eps.pop("lam")
+    data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
+    return {"eps": eps, "data": data, "seed": cfg.run.seed}
+
+
+def cam_normalization(method: str) -> str:
+    """CAM activation for inference: softmax over the C+1 maps for EPS, ReLU for the plain CAM baseline."""
+    if method == "eps":
+        return "softmax"
+    if method == "cam":
+        return "relu"
+    raise ValueError(f"eps.method: expected 'eps' or 'cam', got {method!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_config(e: EPSConfig) -> None:
+    positive = {"iterations": e.iterations, "batch_size": e.batch_size, "crop_size": e.crop_size,
+                "log_every": e.log_every, "checkpoint_every": e.checkpoint_every}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"eps.{name}: expected a positive integer, got {value}")
+    for name, value in {"eval_every": e.eval_every, "eval_images": e.eval_images}.items():
+        if value < 0:
+            raise ValueError(f"eps.{name}: expected >= 0 (0 = off), got {value}")
+    if not (e.lr > 0 and math.isfinite(e.lr)):
+        raise ValueError(f"eps.lr: expected a positive finite learning rate, got {e.lr}")
+    low, high = e.resize_long
+    if not 0 < low <= high:
+        raise ValueError(f"eps.resize_long: expected [low, high] with 0 < low <= high, got {list(e.resize_long)}")
+    if not e.cam_scales or any(s <= 0 for s in e.cam_scales):
+        raise ValueError(f"eps.cam_scales: expected one or more positive scales, got {list(e.cam_scales)}")
+    cam_normalization(e.method)
+
+
+def _claim_folder(path: Path, key: Mapping[str, Any], what: str) -> None:
+    """Record ``key`` in ``path`` or check it matches the one recorded there (never resume across configs)."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if json.dumps(old, sort_keys=True, default=str) != text:
+            diff = _diff_keys(old, json.loads(text))
+            raise ValueError(f"{path.parent}: holds an {what} with different settings ({diff}); "
+                             "use a fresh folder or delete it")
+        return
+    atomic_write_json(path, key)
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts = [_diff_keys(old.get(k), new.get(k), f"{prefix}{k}.") for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
+        return ", ".join(parts)
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared model helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _prepare_model(model: EPSNet, device: torch.device, channels_last: bool) -> EPSNet:
+    model = model.to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _needs_grad_scaler(device: torch.device, amp: bool) -> bool:
+    # `autocast` picks bfloat16 where supported; only float16 needs loss scaling.
+    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+@torch.no_grad()
+def _predict(
+    model: EPSNet,
+    image: np.ndarray,
+    labels: np.ndarray,
+    *,
+    e: EPSConfig,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """CAMs and pseudo mask of one image with the model in eval mode.
+
+    Shape:
+        image: (H, W, 3) uint8; labels: (C,) -> cams (C+1, H, W) float32, mask (H, W) int64
+    """
+    x = normalize_image(image).to(device, non_blocking=True)
+    lab = torch.as_tensor(labels, device=device)
+
+    def forward_maps(batch: Tensor) -> Tensor:
+        with autocast(device, e.amp):
+            return model.forward_maps(_to_device(batch, device, e.channels_last))
+
+    cams = multiscale_cam(forward_maps, x, lab, scales=e.cam_scales, flip=e.cam_flip,
+                          normalization=cam_normalization(e.method))
+    mask = cam_to_mask(cams, lab, bg_threshold=e.bg_threshold, bg_mode=e.bg_mode)
+    return cams, mask
+
+
+def eval_subset_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
+    """The fixed images of the periodic evaluation: ``eps.eval_images`` ids, evenly spaced over the
+    *tuning* half of ``data.mask_eval_split`` (the held-out half is never shown to a scheduler)."""
+    ids = layout.split_ids(cfg.data.mask_eval_split)
+    tune, _ = tune_heldout_ids(layout, cfg.data, ids)
+    n = min(cfg.eps.eval_images, len(tune))
+    if n == 0:
+        return []
+    picks = np.linspace(0, len(tune) - 1, n).round().astype(int)
+    return [tune[i] for i in dict.fromkeys(picks.tolist())]
+
+
+def _evaluate(model: EPSNet, layout: VOCLayout, ids: Sequence[str], *, e: EPSConfig, device: torch.device) -> float:
+    """Pseudo-mask mIoU (percent) of ``ids`` against the ground truth, in memory."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes=layout.num_classes + 1)
+    for image_id in ids:
+        _, mask = _predict(model, layout.load_image(image_id), layout.image_labels(image_id), e=e, device=device)
+        cm.update(mask.cpu().numpy(), layout.load_mask(image_id).astype(np.int64))
+    model.train(was_training)
+    return 100.0 * cm.miou()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class _LogWindow:
+    """Loss and per-class overlap sums since the last log; saved in checkpoints so reports resume too."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.steps = 0
+        self.loss = self.cls = self.sal = 0.0
+        self.overlap_sum = torch.zeros(num_classes, dtype=torch.float64)
+        self.overlap_count = torch.zeros(num_classes, dtype=torch.float64)
+
+    def add(self, loss: float, cls: float, sal: float, overlap: Tensor | None, labels: Tensor) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.cls += cls
+        self.sal += sal
+        if overlap is not None:
+            present = (labels != 0).double().cpu()  # (B, C): absent classes do not count
+            self.overlap_sum += (overlap.detach().double().cpu() * present).sum(0)
+            self.overlap_count += present.sum(0)
+
+    def summary(self, class_names: Sequence[str], with_sal: bool) -> dict[str, float]:
+        n = max(self.steps, 1)
+        out = {"eps/loss": self.loss / n, "eps/loss_cls": self.cls / n}
+        if with_sal:
+            out["eps/loss_sal"] = self.sal / n
+            for c, name in enumerate(class_names):
+                if self.overlap_count[c] > 0:
+                    out[f"eps/overlap/{name}"] = float(self.overlap_sum[c] / self.overlap_count[c])
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "loss": self.loss, "cls": self.cls, "sal": self.sal,
+                "overlap_sum": self.overlap_sum, "overlap_count": self.overlap_count}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.loss, self.cls, self.sal = float(state["loss"]), float(state["cls"]), float(state["sal"])
+        self.overlap_sum = state["overlap_sum"].clone()
+        self.overlap_count = state["overlap_count"].clone()
+
+
+class _SeededItems:
+    """``__len__`` + ``get(i, rng)`` (what :func:`make_loader` needs) over a data-layer dataset whose
+    ``__getitem__`` draws its augmentation from ``dataset.rng(i)``: ``get`` lends it ``rng`` instead."""
+
+    def __init__(self, dataset: ClassificationDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        if hasattr(self.dataset, "get"):
+            return self.dataset.get(index, rng)
+        self.dataset.rng = lambda _index: rng  # instance attribute shadows the method for this call
+        try:
+            return self.dataset[index]
+        finally:
+            del self.dataset.rng
+
+
+def _save_state_dict(path: Path, model: nn.Module) -> None:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_eps(
+    cfg: PipelineConfig,
+    *,
+    out_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+) -> Path:
+    """Train the EPS classifier (or the plain CAM baseline) and return ``out_dir/model.pt``.
+
+    Optimiser groups follow the reference: backbone at ``lr``, the new head at ``lr * head_lr_mult``,
+    poly decay every step. ``eps.momentum`` is passed explicitly: its default 5e-4 reproduces the
+    reference, which hands its weight decay to SGD's momentum slot by mistake (0.9 is the usual value).
+    Adam ignores it.
+
+    Every ``log_every`` steps reports ``eps/loss``, ``eps/loss_cls``, ``eps/loss_sal``, ``eps/lr`` and
+    ``eps/overlap/<class>`` (mean over the window, images where the class is present); every
+    ``eval_every`` steps ``eps_miou_tune`` on :func:`eval_subset_ids`. Checkpoints (model, optimizer,
+    step, RNG, grad scaler, log window) go to ``out_dir/checkpoints`` every ``checkpoint_every`` steps and
+    at the end; a restart resumes from the newest one and ends with the same weights as an
+    uninterrupted run. A finished folder is returned as is.
+
+    Raises:
+        DivergedError: a loss became NaN/inf (checked every step, before the update).
+        ValueError: bad config values, or ``out_dir`` holds a run with other training settings.
+    """
+    e = cfg.eps
+    _check_config(e)
+    device = device if device is not None else resolve_device(cfg.run.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out_dir / _TRAIN_KEY_FILE, train_key(cfg), "EPS training run")
+    model_path = out_dir / MODEL_FILE
+    if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
+        return model_path
+
+    layout = VOCLayout.from_config(cfg.data)
+    class_names = layout.class_names
+    use_saliency = e.method == "eps"
+    transform = TrainTransform(resize_long=e.resize_long, hflip=TRAIN_HFLIP, jitter=e.jitter, crop_size=e.crop_size)
+    dataset = _SeededItems(ClassificationDataset(layout, layout.split_ids(cfg.data.train_split),
+                                                 transform=transform, with_saliency=use_saliency))
+    eval_ids = eval_subset_ids(layout, cfg) if e.eval_every > 0 else []
+
+    seed_everything(cfg.run.seed)
+    model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained=e.pretrained)
+    model = _prepare_model(model, device, e.channels_last)
+    optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
+                                lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if _needs_grad_scaler(device, e.amp) else None
+    ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
+    window = _LogWindow(layout.num_classes)
+    last_logged: dict[str, float] = {}
+
+    latest = ckpts.latest()
+    start = latest[0] if latest is not None else 0
+    if start > e.iterations:
+        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {start}, past eps.iterations = "
+                         f"{e.iterations}")
+    # The loader is created before the RNG is restored: creating it draws from the global RNG, as it
+    # did at step 0 of the uninterrupted run.
+    loader = make_loader(dataset, batch_size=e.batch_size, seed=cfg.run.seed, start_step=start,
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if latest is not None:
+        state = latest[1]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        window.load(state["window"])
+        last_logged = {k: float(v) for k, v in state["last_logged"].items()}
+        restore_rng(state["rng"])
+
+    model.train()
+    for step in range(start + 1, e.iterations + 1):
+        batch = next(loader)
+        lr = set_poly_lr(optimizer, e.lr, step - 1, e.iterations, e.poly_power)
+        image = _to_device(batch["image"], device, e.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device, e.amp):
+            image_logits, maps = model(image)
+        overlap = None
+        if use_saliency:
+            saliency = batch["saliency"].to(device, non_blocking=True)
+            out = eps_loss(maps.float(), saliency, labels, image_logits=image_logits.float(), tau=e.tau, lam=e.lam)
+            loss, cls, sal, overlap = out.loss, out.cls, out.sal, out.overlap
+        else:
+            loss = cls = classification_loss(image_logits.float(), labels)
+            sal = None
+        loss_value = loss.item()
+        check_finite("eps/loss", loss_value, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        window.add(loss_value, cls.item(), sal.item() if sal is not None else 0.0, overlap, labels)
+
+        metrics: dict[str, Any] = {}
+        if step % e.log_every == 0 or step == e.iterations:
+            last_logged = window.summary(class_names, use_saliency)
+            for name, value in last_logged.items():
+                check_finite(name, value, step=step)
+            metrics.update(last_logged)
+            metrics["eps/lr"] = lr
+            window = _LogWindow(layout.num_classes)
+        if eval_ids and step % e.eval_every == 0:
+            metrics["eps_miou_tune"] = _evaluate(model, layout, eval_ids, e=e, device=device)
+        checkpoint_dir = None
+        if step % e.checkpoint_every == 0 or step == e.iterations:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "rng": capture_rng(), "window": window.state(), "last_logged": last_logged}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            ckpts.save(step, state)
+            checkpoint_dir = str(ckpts.directory)
+        if metrics or checkpoint_dir:
+            metrics.setdefault("eps/lr", lr)
+            reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+
+    _save_state_dict(model_path, model)
+    atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **last_logged})
+    return model_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_cams(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CAM file written by :func:`infer_eps`.
+
+    Returns:
+        ``(cams, keys)``: float32 maps, one per labelled class and the background map last, each
+        max-normalised to [0, 1]; ``keys`` holds the mask label of every channel (``c`` in 1..C for
+        object class ``c``, 0 for the background channel). ``keys[cams.argmax(0)]`` is a label map.
+
+    Shape:
+        cams: (K, H, W); keys: (K,)
+    """
+    path = Path(path)
+    try:
+        with np.load(path) as f:
+            cams, keys = f["cams"].astype(np.float32), f["keys"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CAM file with arrays 'cams' and 'keys' ({exc})") from None
+    if cams.ndim != 3 or keys.shape != (cams.shape[0],) or keys[-1] != 0:
+        raise ValueError(f"{path}: expected cams (K, H, W) and keys (K,) ending with the background key 0, "
+                         f"got {cams.shape} and {keys.tolist()}")
+    return cams, keys
+
+
+def _cam_file_bytes(cams: Tensor, labels: np.ndarray) -> bytes:
+    present = np.flatnonzero(labels)
+    channels = torch.as_tensor(np.append(present, cams.shape[0] - 1), device=cams.device)
+    keys = np.append(present + 1, 0).astype(np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, cams=cams[channels].cpu().numpy().astype(np.float16), keys=keys)
+    return buf.getvalue()
+
+
+def infer_eps(
+    cfg: PipelineConfig,
+    *,
+    model_path: Path,
+    ids: Sequence[str],
+    out_dir: Path,
+    device: torch.device | None = None,
+) -> dict[str, Path]:
+    """CAMs and pseudo masks of ``ids`` with a trained EPS model.
+
+    Per image: :func:`~wsss_tune.ops.cam.multiscale_cam` over ``eps.cam_scales`` (and flips with
+    ``eps.cam_flip``; softmax for ``method: eps``, ReLU for ``cam``), then
+    :func:`~wsss_tune.ops.cam.cam_to_mask` with ``bg_threshold``/``bg_mode``. Writes, atomically,
+    ``out_dir/cams/<id>.npz`` (float16 ``cams`` of the labelled classes + background last, int64
+    ``keys``: see :func:`load_cams`) and ``out_dir/masks/<id>.png`` (uint8 0..C). Ids already done are
+    skipped; if the inference settings or the model changed since those files were written, both
+    folders are cleared first.
+
+    Returns:
+        ``{"cams": folder, "masks": folder}``.
+    """
+    e = cfg.eps
+    _check_config(e)
+    device = device if device is not None else resolve_device(cfg.run.device)
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: EPS model not found (train it with train_eps first)")
+    cam_dir, mask_dir = out_dir / "cams", out_dir / "masks"
+    key = {**{k: v for k, v in to_dict(e).items() if k in INFER_FIELDS}, "method": e.method,
+           "model_sha256": _file_sha256(model_path)}
+    key_path = out_dir / _INFER_KEY_FILE
+    if key_path.is_file() and json.loads(key_path.read_text()) != json.loads(json.dumps(key)):
+        key_path.unlink()
+        shutil.rmtree(cam_dir, ignore_errors=True)
+        shutil.rmtree(mask_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_folder(key_path, key, "EPS inference output")
+
+    pending = [i for i in dict.fromkeys(ids)
+               if not ((cam_dir / f"{i}.npz").is_file() and (mask_dir / f"{i}.png").is_file())]
+    if pending:
+        layout = VOCLayout.from_config(cfg.data)
+        model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained="")
+        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+        model = _prepare_model(model, device, e.channels_last).eval()
+        for image_id in pending:
+            labels = layout.image_labels(image_id)
+            cams, mask = _predict(model, layout.load_image(image_id), labels, e=e, device=device)
+            atomic_write_bytes(cam_dir / f"{image_id}.npz", _cam_file_bytes(cams, labels))
+            save_mask_png(mask_dir / f"{image_id}.png", mask.to(torch.uint8).cpu().numpy())
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    return {"cams": cam_dir, "masks": mask_dir}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+def run_eps(
+    cfg: PipelineConfig,
+    *,
+    out_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+    train_dir: Path | None = None,
+) -> StageResult:
+    """Train (in ``train_dir`` if given, else ``out_dir``), infer on ``train_split`` ∪ ``mask_eval_split``,
+    score the pseudo masks on ``mask_eval_split``.
+
+    Metrics: ``eps_miou``, ``eps_miou_tune``, ``eps_miou_heldout``, ``eps_iou/<class>``, the final
+    ``eps/overlap/<class>`` (EPS only; ~0.8 when a class works, < 0.1 when it collapsed into the
+    background), the last logged losses and ``eps_method``. They are also reported at step
+    ``eps.iterations``.
+    """
+    device = device if device is not None else resolve_device(cfg.run.device)
+    out_dir = Path(out_dir)
+    train_dir = Path(train_dir) if train_dir is not None else out_dir
+    model_path = train_eps(cfg, out_dir=train_dir, reporter=reporter, device=device)
+    layout = VOCLayout.from_config(cfg.data)
+    eval_ids = layout.split_ids(cfg.data.mask_eval_split)
+    ids = list(dict.fromkeys([*layout.split_ids(cfg.data.train_split), *eval_ids]))
+    paths = infer_eps(cfg, model_path=model_path, ids=ids, out_dir=out_dir, device=device)
+    metrics: dict[str, Any] = score_masks("eps", layout, cfg.data, eval_ids, paths["masks"])
+    summary = json.loads((train_dir / SUMMARY_FILE).read_text())
+    metrics.update({k: v for k, v in summary.items() if k.startswith("eps/")})
+    metrics["eps_method"] = cfg.eps.method
+    reporter.report(metrics, step=cfg.eps.iterations)
+    return StageResult(metrics=metrics, paths={"model": str(model_path), "train_dir": str(train_dir),
+                                               "checkpoints": str(train_dir / _CHECKPOINT_DIR),
+                                               "cams": str(paths["cams"]), "masks": str(paths["masks"])})
