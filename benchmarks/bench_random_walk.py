@@ -176,7 +176,7 @@ def run(quick: bool) -> list[dict]:
         ]
         dense = None
         if _dense_fits(size):
-            dense = _in_fresh_process({"size": size, "method": "dense", "repeats": 1 if size * size > 2000 else 2})
+            dense = _in_fresh_process({"size": size, "method": "dense", "repeats": 2 if size * size > 2000 else 3})
         for case in cases:
             res = _in_fresh_process({"size": size, "repeats": repeats, **case})
             row: dict[str, Any] = {

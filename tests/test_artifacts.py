@@ -8,8 +8,6 @@ a local cache).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -292,18 +290,30 @@ def _race_worker(kwargs: dict[str, Any], counter: str, barrier: Any, results: An
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_concurrent_processes_build_once(backend: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["missing", "corrupted"])
+def test_concurrent_processes_build_once(backend: str, start: str, tmp_path: Path) -> None:
     """6 processes ask for one missing artifact at the same moment: the build runs once (one line
-    in the counter file), one process reports a miss, five a hit, and all read the same bytes."""
+    in the counter file), one process reports a miss, five a hit, and all read the same bytes.
+    file_uri: the processes share one cache folder (one host); subtree: each has its own (hosts).
+    Starting from a published but truncated artifact instead of none changes nothing."""
     n = 6
+    if start == "corrupted":
+        store = make(backend, tmp_path, cache="cache_setup")
+        key = store.key("eps", {"shared": True})
+
+        def old_build(folder: Path) -> None:
+            (folder / "payload.bin").write_bytes(b"old payload")
+
+        store.get_or_create(key, old_build)
+        (published(tmp_path, key) / "payload.bin").write_bytes(b"old")
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(n), ctx.Queue()
     counter = tmp_path / "builds.txt"
     kwargs = store_kwargs(backend, tmp_path)
     procs = []
     for i in range(n):
-        if backend != "local":
-            kwargs = {**kwargs, "cache_dir": str(tmp_path / f"cache{i}")}  # as on separate hosts
+        if backend == "subtree":
+            kwargs = {**kwargs, "cache_dir": str(tmp_path / f"cache{i}")}
         procs.append(ctx.Process(target=_race_worker, args=(kwargs, str(counter), barrier, results)))
     for p in procs:
         p.start()
@@ -433,3 +443,37 @@ def test_gc_cleans_temp_folders_of_dead_builds_only(tmp_path: Path) -> None:
     finally:
         holder.release()
     assert str(leftover) in store.gc().cleaned and not leftover.exists()
+
+
+@pytest.mark.parametrize("backend", ["local", "file_uri"])
+def test_work_dir_survives_a_failed_build_and_goes_when_published(backend: str, tmp_path: Path) -> None:
+    """A crashed build's checkpoint stays for the next build of the key to resume from; once the
+    artifact is published the work folder is deleted."""
+    store = make(backend, tmp_path)
+    key = store.key("eps", 9)
+
+    def crash(folder: Path) -> None:
+        (store.work_dir(key) / "ckpt.txt").write_text("step 500")
+        raise RuntimeError("killed at step 500")
+
+    with pytest.raises(RuntimeError):
+        store.get_or_create(key, crash)
+    assert store.gc().cleaned == () and (store.work_dir(key) / "ckpt.txt").exists()  # kept: resumable
+    resumed: list[str] = []
+
+    def resume(folder: Path) -> None:
+        resumed.append((store.work_dir(key) / "ckpt.txt").read_text())
+        (folder / "model.pt").write_bytes(b"weights")
+
+    store.get_or_create(key, resume)
+    assert resumed == ["step 500"] and not store._work_path(key).exists()
+
+
+def test_gc_removes_abandoned_work_folders_only_with_older_than(tmp_path: Path) -> None:
+    store = make("local", tmp_path)
+    key = store.key("eps", 10)
+    work = store.work_dir(key)
+    old = time.time() - 7200
+    os.utime(work, (old, old))  # untouched for two hours
+    assert store.gc().cleaned == () and work.exists()
+    assert store.gc(older_than=3600).cleaned == (str(work),) and not work.exists()

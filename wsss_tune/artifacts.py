@@ -23,6 +23,7 @@ Layout under the store root::
 
     <stage>/<digest>/MANIFEST.json      published artifact (plus its files)
     .locks/<stage>/<digest>.lock        local OS lock (+ ``.owner`` record) / ``.lease`` remotely
+    .work/<stage>/<digest>/             resumable scratch of a build (:meth:`ArtifactStore.work_dir`)
     .trash/                             local folders being deleted
 
 For a remote store, :meth:`ArtifactStore.get` returns a verified copy in a local cache folder.
@@ -84,9 +85,23 @@ _CHUNK = 8 * 1024 * 1024
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 #: Digests are lowercase hex (``config_hash`` output).
 _DIGEST_RE = re.compile(r"^[0-9a-f]+$")
+#: A SHA-256 digest in hex: 64 lowercase characters.
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: A builder refreshes its owner record this often (seconds).
+DEFAULT_HEARTBEAT = 10.0
+#: A holder silent this long is taken over: twelve missed heartbeats, enough to ride out a long
+#: pause of a busy host or a slow network filesystem, short enough that a crashed builder on
+#: another host costs minutes, not hours.
+DEFAULT_STALE_AFTER = 120.0
+#: Remote leases wait this long between writing a claim and reading it back; it must exceed the
+#: time between another claimant's read and its write (one small object write, well under a second
+#: on S3/GCS), so that both see the later claim.
+DEFAULT_LEASE_SETTLE = 0.5
+#: Waiters look for the published artifact (and retry the lock) this often (seconds).
+DEFAULT_POLL = 0.5
 _LOCKS = ".locks"
 _TRASH = ".trash"
+_WORK = ".work"
 
 
 class ArtifactError(RuntimeError):
@@ -572,9 +587,9 @@ class ArtifactStore:
         filesystem: pafs.FileSystem | None = None,
         cache_dir: str | Path | None = None,
         verify: Literal["sha256", "size"] = "sha256",
-        heartbeat: float = 10.0,
-        stale_after: float = 120.0,
-        lease_settle: float = 0.5,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        lease_settle: float = DEFAULT_LEASE_SETTLE,
     ) -> None:
         if not isinstance(uri, str) or not uri.strip():
             raise ValueError(f"artifact store uri {uri!r}: expected a local path or a filesystem URI")
@@ -632,6 +647,22 @@ class ArtifactStore:
 
     def _cache_path(self, key: ArtifactKey) -> Path:
         return self.cache_dir / key.stage / key.digest
+
+    def _work_path(self, key: ArtifactKey) -> Path:
+        root = self._root if self._root is not None else self.cache_dir
+        return root / _WORK / key.stage / key.digest
+
+    def work_dir(self, key: ArtifactKey) -> Path:
+        """A local scratch folder for building ``key`` that survives a crash (e.g. for checkpoints).
+
+        Use it inside ``build``, where the key's lock is held. A killed build leaves it in place, so
+        the next build of the key can resume from it; it is deleted once the artifact is published.
+        For a remote store it lives in the local cache folder, so only a build on the same host
+        resumes.
+        """
+        path = self._work_path(key)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _lock(self, key: ArtifactKey) -> _Lock:
         if self._fs is None:
@@ -744,7 +775,7 @@ class ArtifactStore:
         build: Callable[[Path], Mapping[str, Any] | None],
         *,
         wait_timeout: float | None = None,
-        poll: float = 0.5,
+        poll: float = DEFAULT_POLL,
     ) -> Artifact:
         """Return the artifact for ``key``, building it with ``build(folder)`` if needed.
 
@@ -763,6 +794,7 @@ class ArtifactStore:
         found = self._lookup(key)
         if found is not None:
             return self._hit(key, *found)
+        rejected = self._read_manifest_blob(key)  # a corrupted artifact's manifest, if any
         deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
         lock = self._lock(key)
         announced = False
@@ -779,6 +811,12 @@ class ArtifactStore:
                     return self._build(key, build, lock)
                 finally:
                     lock.release()
+            blob = self._read_manifest_blob(key)
+            if blob is not None and blob != rejected:  # newly published: read it without the lock
+                found = self._lookup(key)
+                if found is not None:
+                    return self._hit(key, *found)
+                rejected = blob
             lock.break_if_stale()
             holder = lock.holder()
             if deadline is not None and time.monotonic() >= deadline:
@@ -823,6 +861,9 @@ class ArtifactStore:
                 manifest = self._run_build(key, build, tmp)
                 atomic_write_bytes(tmp / MANIFEST_NAME, _dump(manifest))
         else:
+            assert self._fs is not None
+            with contextlib.suppress(FileNotFoundError):  # a corrupted copy: untrust it now, not after the build
+                self._fs.delete_file(posixpath.join(self._rdir(key), MANIFEST_NAME))
             final = self._cache_path(key)
             with self._cache_lock(key):
                 self._remove_leftovers(final)
@@ -838,6 +879,7 @@ class ArtifactStore:
                 self._upload(key, tmp, manifest, blob)
                 (tmp / MANIFEST_NAME).write_bytes(blob)
                 cache_lock.acquire()
+        _rmtree(self._work_path(key))  # published: nothing left to resume
         self.misses += 1
         self._build_seconds += manifest["build_seconds"]
         return Artifact(key=key, path=final, manifest=manifest, hit=False)
@@ -972,7 +1014,8 @@ class ArtifactStore:
         An artifact is removed when it is older than ``older_than`` (seconds or a timedelta) and
         ``keep(info)`` is not true; with only one of the two given, that one decides. With neither,
         no artifact is removed and only the housekeeping runs: temporary folders of dead builds,
-        stale locks, half-finished remote uploads and cached copies of artifacts that are gone.
+        stale locks, half-finished remote uploads, cached copies of artifacts that are gone, work
+        folders of published artifacts and (with ``older_than``) work folders untouched that long.
         ``dry_run`` reports what would be removed and changes nothing.
         """
         if isinstance(older_than, datetime.timedelta):
@@ -991,14 +1034,14 @@ class ArtifactStore:
         if not dry_run:
             for info in removed:
                 self.remove(info.key)
-            cleaned = self._housekeeping()
+            cleaned = self._housekeeping(older_than)
         return GcReport(removed=tuple(removed), freed_bytes=sum(i.size_bytes for i in removed),
                         cleaned=tuple(cleaned), dry_run=dry_run)
 
-    def _housekeeping(self) -> builtins.list[str]:
+    def _housekeeping(self, older_than: float | None) -> builtins.list[str]:
         if self._fs is None:
             assert self._root is not None
-            return self._clean_local_root(self._root)
+            return self._clean_local_root(self._root, older_than)
         cleaned = self._clean_remote_orphans()
         if self.cache_dir.is_dir():
             for stage in sorted(p.name for p in self.cache_dir.iterdir() if p.is_dir() and _STAGE_RE.match(p.name)):
@@ -1010,14 +1053,31 @@ class ArtifactStore:
                         with self._cache_lock(key):
                             _rmtree(folder)
                         cleaned.append(str(folder))
-            cleaned += self._clean_local_root(self.cache_dir)
+            cleaned += self._clean_local_root(self.cache_dir, older_than)
         return cleaned
 
-    def _clean_local_root(self, root: Path) -> builtins.list[str]:
-        """Remove trash, temp folders of dead builds and their owner records under a local ``root``.
+    @contextlib.contextmanager
+    def _if_idle(self, key: ArtifactKey) -> Iterator[bool]:
+        """Yield whether no process is building ``key``; for a local store, hold its lock meanwhile."""
+        if self._fs is not None:
+            owner = self._lock(key).holder()
+            yield owner is None or owner.dead() or time.time() - owner.heartbeat > self.stale_after
+            return
+        lock = self._lock(key)
+        assert isinstance(lock, _LocalLock)
+        if not lock.try_acquire():
+            yield False
+            return
+        try:
+            yield True
+            lock.discard()  # nobody needs this lock file now; a waiter retries on a new one
+        finally:
+            lock.release()
 
-        A key is cleaned only when its lock can be taken, i.e. when no process builds it now.
-        """
+    def _clean_local_root(self, root: Path, older_than: float | None) -> builtins.list[str]:
+        """Under a local ``root`` (the store, or a remote store's cache): remove trash, temp folders
+        of dead builds, work folders of published keys and, with ``older_than``, work folders left
+        untouched that long. A key is cleaned only while nobody builds it."""
         cleaned: builtins.list[str] = []
         if not root.is_dir():
             return cleaned
@@ -1031,23 +1091,24 @@ class ArtifactStore:
             for p in stage_dir.glob(".*"):
                 if p.name.endswith((".tmp", ".old")) and len(p.name.split(".")) > 2:
                     keys.add((stage_dir.name, p.name.split(".")[1]))
-        locks = root / _LOCKS
-        if locks.is_dir():
-            for stage_dir in (p for p in locks.iterdir() if p.is_dir()):
-                keys.update((stage_dir.name, p.name[: -len(".lock")]) for p in stage_dir.glob("*.lock"))
+        for sub, pattern in ((_LOCKS, "*.lock"), (_WORK, "*")):
+            if (root / sub).is_dir():
+                for stage_dir in (p for p in (root / sub).iterdir() if p.is_dir()):
+                    keys.update((stage_dir.name, p.name.removesuffix(".lock")) for p in stage_dir.glob(pattern))
+        now = time.time()
         for stage, digest in sorted(keys):
             if not (_STAGE_RE.match(stage) and _DIGEST_RE.match(digest)):
                 continue
-            lock = _LocalLock(path=locks / stage / f"{digest}.lock", stale_after=self.stale_after)
-            if not lock.try_acquire():
-                continue
-            try:
-                if lock.previous is not None:
-                    cleaned.append(str(lock.owner_path))
+            key = ArtifactKey(stage=stage, digest=digest)
+            with self._if_idle(key) as idle:
+                if not idle:
+                    continue
                 cleaned += [str(p) for p in self._remove_leftovers(root / stage / digest)]
-                lock.discard()
-            finally:
-                lock.release()
+                work = root / _WORK / stage / digest
+                if work.is_dir() and (self.exists(key) or (older_than is not None
+                                                           and now - work.stat().st_mtime > older_than)):
+                    _rmtree(work)
+                    cleaned.append(str(work))
         return cleaned
 
     def _clean_remote_orphans(self) -> builtins.list[str]:

@@ -61,6 +61,8 @@ from wsss_tune.stages.pipeline import STAGES, parse_stages
 __all__ = [
     "SECTION_STAGE",
     "TUNE_METRICS",
+    "TUNE_SUFFIX",
+    "HELDOUT_SUFFIX",
     "KINDS",
     "DEFAULT_NUM_SAMPLES",
     "SpaceError",
@@ -268,7 +270,8 @@ class SearchSpace:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"sample_grid n={n!r}: expected an integer >= 1")
         axes = [p.grid(n) for p in self.params]
-        return [dict(zip((p.path for p in self.params), values)) for values in itertools.product(*axes)]
+        paths = [p.path for p in self.params]
+        return [dict(zip(paths, values, strict=True)) for values in itertools.product(*axes)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +350,8 @@ def _parse_fidelity(spec: Any, where: str) -> Fidelity | None:
 
 def space_from_dict(data: Any, *, source: str | Path | None = None, name: str | None = None) -> SearchSpace:
     """Build and :func:`validate` a space from its YAML mapping; ``source`` is the file it came from."""
-    where = str(source) if source is not None else "<search space>"
+    name = name or (Path(source).stem if source is not None else "space")
+    where = str(source) if source is not None else f"<search space {name!r}>"
     if not isinstance(data, Mapping):
         raise SpaceError(where, "<top level>", f"expected a mapping, got {type(data).__name__}")
     for key in data:
@@ -377,7 +381,7 @@ def space_from_dict(data: Any, *, source: str | Path | None = None, name: str | 
     if not isinstance(description, str):
         raise SpaceError(where, "description", f"expected text, got {description!r}")
     space = SearchSpace(
-        name=name or (Path(source).stem if source is not None else "space"),
+        name=name,
         base=_string(data["base"], where, "base"),
         overrides=dict(overrides),
         params=tuple(_parse_param(path, spec, where) for path, spec in params.items()),
@@ -452,8 +456,7 @@ def _validate_splits(space: SearchSpace, cfg: PipelineConfig) -> None:
     eval_split = getattr(cfg.data, field_name)
     if space._derived_halves(cfg):
         return
-    for key, name, suffix in (("tune_split", space.tune_split, TUNE_SUFFIX),
-                              ("heldout_split", space.heldout_split, HELDOUT_SUFFIX)):
+    for key, name in (("tune_split", space.tune_split), ("heldout_split", space.heldout_split)):
         if name.endswith((TUNE_SUFFIX, HELDOUT_SUFFIX)):
             raise SpaceError(where, key, f"{name!r} looks like a derived half, but {space.metric} is measured on "
                              f"data.{field_name} = {eval_split!r}: use {eval_split + TUNE_SUFFIX!r} and "

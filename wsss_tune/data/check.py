@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def check_dataset(
     mask_splits = list(splits) if masks_for is None else list(masks_for)
     ids_by_split: dict[str, list[str]] = {}
     for split in dict.fromkeys([*splits, *mask_splits]):
-        ids = attempt(lambda split=split: layout.split_ids(split))
+        ids = attempt(partial(layout.split_ids, split))
         if ids is not None:
             ids_by_split[split] = ids
 
@@ -93,18 +94,18 @@ def check_dataset(
         want_mask = need_mask or split in mask_splits
         for image_id in ids:
             if image_id not in checked_image:
-                img = attempt(lambda i=image_id: layout.load_image(i))
+                img = attempt(partial(layout.load_image, image_id))
                 checked_image[image_id] = None if img is None else img.shape
                 if saliency:
-                    sal = attempt(lambda i=image_id: layout.load_saliency(i))
+                    sal = attempt(partial(layout.load_saliency, image_id))
                     if img is not None and sal is not None and sal.shape != img.shape[:2]:
                         problems.append(_size_problem("saliency map", layout.saliency_path(image_id), sal.shape,
                                                       layout.image_path(image_id), img.shape))
                 if labels_ok and layout.label_source != "masks":
-                    attempt(lambda i=image_id: layout.image_labels(i))
+                    attempt(partial(layout.image_labels, image_id))
             if want_mask and image_id not in checked_mask:
                 checked_mask.add(image_id)
-                mask = attempt(lambda i=image_id: layout.load_mask(i))
+                mask = attempt(partial(layout.load_mask, image_id))
                 shape = checked_image[image_id]
                 if mask is not None and shape is not None and mask.shape != shape[:2]:
                     problems.append(_size_problem("mask", layout.mask_path(image_id), mask.shape,

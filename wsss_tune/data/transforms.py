@@ -14,7 +14,7 @@ function of its seed only (see :class:`wsss_tune.data.voc.ClassificationDataset`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def normalize_image(img: np.ndarray) -> torch.Tensor:
         ``img``: ``(H, W, 3)`` ``uint8``; returns ``(3, H, W)`` ``float32``.
     """
     img = _check_image(img)
-    t = torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).div_(PIXEL_MAX)
+    t = torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).contiguous().div_(PIXEL_MAX)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
     return t.sub_(mean).div_(std)
@@ -79,6 +79,9 @@ def _check_sample(sample: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray
         if mask.shape != (h, w) or not np.issubdtype(mask.dtype, np.integer):
             raise DataError(f"sample['mask'] has dtype {mask.dtype} shape {mask.shape}; expected integer labels "
                             f"of the image size {(h, w)}", kind="size_mismatch")
+        if mask.dtype != np.uint8 and mask.size and (int(mask.min()) < 0 or int(mask.max()) > 255):
+            raise DataError(f"sample['mask'] values {int(mask.min())}..{int(mask.max())} do not fit 0..255",
+                            kind="bad_mask_values")
         mask = mask.astype(np.uint8, copy=False)
     return img, sal, mask
 
@@ -113,6 +116,20 @@ def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
     hue, sat, val = img.convert("HSV").split()
     h = (np.asarray(hue, dtype=np.int16) + int(shift * 255)) % 256
     return Image.merge("HSV", (Image.fromarray(h.astype(np.uint8)), sat, val)).convert("RGB")
+
+
+#: ColorJitter's four operations, in the order of its arguments.
+_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def _jitter_op(img: Image.Image, name: str, factor: float) -> Image.Image:
+    if name == "brightness":
+        return ImageEnhance.Brightness(img).enhance(factor)
+    if name == "contrast":
+        return ImageEnhance.Contrast(img).enhance(factor)
+    if name == "saturation":
+        return ImageEnhance.Color(img).enhance(factor)
+    return _adjust_hue(img, factor)
 
 
 def _resize_float(arr: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -203,22 +220,13 @@ class TrainTransform:
         """``torchvision.transforms.ColorJitter`` on a PIL image (the same PIL operations its functional
         API applies), with factors drawn from ``rng``."""
         assert self.jitter is not None
-        b, c, s, h = self.jitter
-        ops: list[Callable[[Image.Image], Image.Image]] = []
-        if b > 0:
-            f = rng.uniform(max(0.0, 1 - b), 1 + b)
-            ops.append(lambda im, f=f: ImageEnhance.Brightness(im).enhance(f))
-        if c > 0:
-            f = rng.uniform(max(0.0, 1 - c), 1 + c)
-            ops.append(lambda im, f=f: ImageEnhance.Contrast(im).enhance(f))
-        if s > 0:
-            f = rng.uniform(max(0.0, 1 - s), 1 + s)
-            ops.append(lambda im, f=f: ImageEnhance.Color(im).enhance(f))
-        if h > 0:
-            f = rng.uniform(-h, h)
-            ops.append(lambda im, f=f: _adjust_hue(im, f))
+        ops: list[tuple[str, float]] = []
+        for name, strength in zip(_JITTER_OPS, self.jitter, strict=True):
+            if strength > 0:
+                low, high = (-strength, strength) if name == "hue" else (max(0.0, 1 - strength), 1 + strength)
+                ops.append((name, float(rng.uniform(low, high))))
         for i in rng.permutation(len(ops)):
-            img = ops[i](img)
+            img = _jitter_op(img, *ops[i])
         return img
 
     def __call__(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -273,7 +281,7 @@ class TrainTransform:
         cs = self.crop_size
         dst, src = window
         img_out = torch.full((3, cs, cs), IMAGE_PAD, dtype=torch.float32)
-        img_out[(slice(None), *dst)] = image[(slice(None), *src)]
+        img_out[:, dst[0], dst[1]] = image[:, src[0], src[1]]
         sal_out = mask_out = None
         if sal is not None:
             sal_out = np.full((cs, cs), SALIENCY_PAD, dtype=np.float32)

@@ -654,7 +654,8 @@ def _walk_scores(cams: np.ndarray, keys: np.ndarray, r: RWConfig, stride: int) -
 
 
 def _crf_labels(walked: Tensor, image: np.ndarray, keys: Tensor, stride: int) -> Tensor:
-    """Labels after a dense CRF on the walked scores, upsampled as :func:`rw_labels` does.
+    """Labels after a dense CRF on the walked scores, upsampled as :func:`rw_labels` does (on the CPU,
+    where the CRF runs).
 
     Shape:
         walked: (K, h, w); image: (H, W, 3) uint8 -> (H, W) long
@@ -739,7 +740,7 @@ def run_random_walk(
         gt = layout.load_mask(image_id) if image_id in eval_set else None
         for t, out in walked.items():
             if image is not None:
-                pred = _crf_labels(out, image, plane_keys.to(out.device), stride)
+                pred = _crf_labels(out.cpu(), image, plane_keys, stride)
             else:
                 pred = rw_labels(out, (height, width), plane_keys, stride=stride)
             pred_np = pred.to(torch.uint8).cpu().numpy()

@@ -153,6 +153,7 @@ class PipelineRun:
             return {}
 
         model_dir = self._artifact("eps_model", model_key, build_model)
+        self.eps_model_path = model_dir / "model.pt"
         key = self.store.key("eps", str(model_key), *self.parts["eps"])
         self.keys["eps"] = key
 
@@ -175,7 +176,8 @@ class PipelineRun:
 
         def build(tmp: Path, rep: Reporter) -> dict[str, Any]:
             work = self._work_dir(key)
-            res = aff_stage.run_affinity(cfg, eps_dir=eps_dir, out_dir=work, reporter=rep, device=self.device)
+            res = aff_stage.run_affinity(cfg, eps_dir=eps_dir, out_dir=work, reporter=rep, device=self.device,
+                                         eps_model=self.eps_model_path)
             for name in ("model.pt", "aff"):
                 src = work / name
                 if src.is_dir():
