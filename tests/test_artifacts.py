@@ -430,19 +430,24 @@ def test_list_remove_gc_and_stats(backend: str, tmp_path: Path) -> None:
     assert not store.exists(keys["c"]) and store.list() == []
 
 
-def test_gc_cleans_temp_folders_of_dead_builds_only(tmp_path: Path) -> None:
-    """A leftover temp folder is removed only when its key's lock is free (nobody builds it)."""
+def test_gc_cleans_temp_files_of_dead_builds_only(tmp_path: Path) -> None:
+    """A build folder and an owner record's temp file left by a killed process are removed only
+    when the key's lock is free (nobody builds it)."""
     store = make("local", tmp_path)
     key = store.key("eps", 8)
     leftover = tmp_path / "store" / "eps" / f".{key.digest}.dead.tmp"
     leftover.mkdir(parents=True)
+    stray = tmp_path / "store" / ".locks" / "eps" / f".{key.digest}.lock.owner.dead.tmp"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("{")
     holder = store._lock(key)
     assert holder.try_acquire()
     try:
-        assert store.gc().cleaned == () and leftover.exists()
+        assert store.gc().cleaned == () and leftover.exists() and stray.exists()
     finally:
         holder.release()
-    assert str(leftover) in store.gc().cleaned and not leftover.exists()
+    assert set(store.gc().cleaned) == {str(leftover), str(stray)}
+    assert not leftover.exists() and not stray.exists()
 
 
 @pytest.mark.parametrize("backend", ["local", "file_uri"])

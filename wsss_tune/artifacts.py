@@ -1095,6 +1095,8 @@ class ArtifactStore:
             if (root / sub).is_dir():
                 for stage_dir in (p for p in (root / sub).iterdir() if p.is_dir()):
                     keys.update((stage_dir.name, p.name.removesuffix(".lock")) for p in stage_dir.glob(pattern))
+                    # an owner record's temp file, left by a holder killed while writing it
+                    keys.update((stage_dir.name, p.name.split(".")[1]) for p in stage_dir.glob(".*.tmp"))
         now = time.time()
         for stage, digest in sorted(keys):
             if not (_STAGE_RE.match(stage) and _DIGEST_RE.match(digest)):
@@ -1104,6 +1106,9 @@ class ArtifactStore:
                 if not idle:
                     continue
                 cleaned += [str(p) for p in self._remove_leftovers(root / stage / digest)]
+                for stray in (root / _LOCKS / stage).glob(f".{digest}.lock.*.tmp"):
+                    stray.unlink(missing_ok=True)
+                    cleaned.append(str(stray))
                 work = root / _WORK / stage / digest
                 if work.is_dir() and (self.exists(key) or (older_than is not None
                                                            and now - work.stat().st_mtime > older_than)):

@@ -116,6 +116,10 @@ def seg_cross_entropy(
         Scalar loss, float32. When every pixel is ``ignore_index`` the loss is 0 (still attached to
         the graph), where plain ``F.cross_entropy`` returns NaN (0/0) and would poison the weights.
 
+    Raises:
+        ValueError: wrong shapes or dtype, or labels outside ``0..K-1`` that are not
+            ``ignore_index`` (checked up front, one device sync, instead of a CUDA device assert).
+
     Shape:
         logits: (B, K, h, w); target: (B, H, W).
     """
