@@ -25,7 +25,7 @@ VALID: dict[str, Any] = {
     "heldout_split": "train_heldout",
     "num_samples": 4,
     "overrides": {"rw.pad_border": True},
-    "fidelity": {"time_attr": "step", "max_t": 8, "grace_period": 2, "reduction_factor": 2},
+    "fidelity": {"time_attr": "stage_step", "max_t": 8, "grace_period": 2, "reduction_factor": 2},
     "params": {
         "rw.beta": {"kind": "uniform", "low": 2, "high": 12},
         "rw.logt": {"kind": "int", "low": 1, "high": 5},

@@ -15,7 +15,7 @@ afterwards. A file looks like::
     heldout_split: train_heldout
     num_samples: 24                # default number of trials
     overrides: {eps.eval_images: 256}
-    fidelity: {time_attr: step, max_t: 20000, grace_period: 4000, reduction_factor: 3}
+    fidelity: {time_attr: stage_step, max_t: 20000, grace_period: 4000, reduction_factor: 3}
     params:
       eps.tau: {kind: uniform, low: 0.1, high: 0.7}
       rw.logt: {kind: int, low: 2, high: 8}            # optional: step, log
@@ -94,8 +94,9 @@ DEFAULT_NUM_SAMPLES = 16
 #: Default ASHA reduction factor: keep the best 1/3 at each rung (Li et al., "Massively Parallel
 #: Hyperparameter Tuning", 2020, use eta = 3 in their experiments).
 DEFAULT_REDUCTION_FACTOR = 3.0
-#: Default reported counter that ASHA reads as training time (the stage runners' ``step``).
-DEFAULT_TIME_ATTR = "step"
+#: Default reported counter that ASHA reads as training time: the reporting stage's own step, which
+#: the pipeline reports beside ``step`` (counted across stages, so it depends on upstream cache hits).
+DEFAULT_TIME_ATTR = "stage_step"
 
 _PARAM_FIELDS: dict[str, frozenset[str]] = {
     "uniform": frozenset({"low", "high", "step"}),

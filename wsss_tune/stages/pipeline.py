@@ -82,7 +82,8 @@ class _StageReporter:
 
     def report(self, metrics: Mapping[str, Any], *, step: int, checkpoint_dir: str | None = None) -> None:
         self.last_step = max(self.last_step, step)
-        self.inner.report({**metrics, "stage": self.stage, "fidelity": self.offset + step},
+        # ``stage_step`` is the stage's own step: the time a scheduler compares trials on within a stage.
+        self.inner.report({**metrics, "stage": self.stage, "stage_step": step, "fidelity": self.offset + step},
                           step=self.offset + step, checkpoint_dir=checkpoint_dir)
 
 
@@ -123,11 +124,9 @@ class PipelineRun:
         rep = _StageReporter(self.reporter, name, self._offset)
         t0 = time.time()
         art = self.store.get_or_create(key, lambda tmp: build(Path(tmp), rep) or {})
-        meta = dict(art.metadata or {})
+        stage_metrics = dict(art.metadata or {})
         self.stage_info[name] = {"key": str(key), "hit": bool(art.hit), "path": str(art.path),
-                                 "seconds": round(time.time() - t0, 2),
-                                 "build_seconds": meta.get("build_seconds")}
-        stage_metrics = {k: v for k, v in meta.items() if k != "build_seconds"}
+                                 "seconds": round(time.time() - t0, 2), "build_seconds": art.build_seconds}
         self.metrics.update(stage_metrics)
         self._offset += max(rep.last_step, 1)
         if art.hit and stage_metrics:
