@@ -206,6 +206,7 @@ class DeepLabConfig:
     crf: bool = False
     save_predictions: bool = False
     amp: bool = True
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from wsss_tune.config import DeepLabConfig, PipelineConfig, to_dict
 from wsss_tune.data import SegmentationDataset, TrainTransform, VOCLayout, normalize_image, save_mask_png
 from wsss_tune.models.deeplab import build_deeplab, deeplab_param_groups
 from wsss_tune.ops.crf import dense_crf
-from wsss_tune.ops.metric import ConfusionMatrix, confusion_matrix
+from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.ops.seg_loss import msc_loss
 from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.stages.common import (
@@ -161,13 +161,12 @@ def _check_config(d: DeepLabConfig) -> None:
     for name, value in {"eval_every": d.eval_every, "eval_images": d.eval_images}.items():
         if value < 0:
             raise ValueError(f"deeplab.{name}: expected >= 0 (0 = off), got {value}")
-    for name, value in {"lr": d.lr}.items():
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"deeplab.{name}: expected a positive finite learning rate, got {value}")
-    for name, value in {"head_lr_mult": d.head_lr_mult, "head_bias_lr_mult": d.head_bias_lr_mult,
-                        "weight_decay": d.weight_decay, "momentum": d.momentum}.items():
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"deeplab.{name}: expected a finite value >= 0, got {value}")
+    if not (d.lr > 0 and math.isfinite(d.lr)):
+        raise ValueError(f"deeplab.lr: expected a positive finite learning rate, got {d.lr}")
+    for name, factor in {"head_lr_mult": d.head_lr_mult, "head_bias_lr_mult": d.head_bias_lr_mult,
+                         "weight_decay": d.weight_decay, "momentum": d.momentum}.items():
+        if not (factor >= 0 and math.isfinite(factor)):
+            raise ValueError(f"deeplab.{name}: expected a finite value >= 0, got {factor}")
     for name, scales in {"scales": d.scales, "test_scales": d.test_scales}.items():
         if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
             raise ValueError(f"deeplab.{name}: expected one or more positive scales, got {list(scales)}")
@@ -290,7 +289,9 @@ def predict_probs(
 
     probs = multiscale_probs(forward, x, size=tuple(image.shape[:2]), scales=test_scales, flip=test_flip)
     if crf:
-        probs = dense_crf(image, probs)
+        refined = dense_crf(image, probs)
+        assert isinstance(refined, Tensor)  # a tensor in gives a tensor out, on the same device
+        probs = refined
     return probs
 
 
@@ -328,8 +329,8 @@ def evaluate_model(
             probs = predict_probs(model, image, test_scales=test_scales, test_flip=test_flip, crf=crf, amp=amp,
                                   device=device)
             pred = probs.argmax(0)
-            cm = confusion_matrix(pred, torch.from_numpy(gt).to(pred.device), k)
-            out[image_id] = cm.cpu().numpy()
+            gt_t = torch.from_numpy(gt).to(pred.device, non_blocking=True)
+            out[image_id] = ConfusionMatrix(num_classes=k).update(pred, gt_t).matrix
             if prediction_dir is not None:
                 save_mask_png(prediction_dir / f"{image_id}.png", pred.to(torch.uint8).cpu().numpy())
     finally:
