@@ -124,6 +124,29 @@ def data_check(
     typer.secho(f"ok: {root} ({', '.join(split_list)})", fg=typer.colors.GREEN)
 
 
+@data_app.command("prepare-voc")
+def data_prepare_voc(
+    voc: Annotated[Path, typer.Option(help="VOCtrainval_11-May-2012.tar, or the folder it unpacks to.")],
+    out: Annotated[Path, typer.Option(help="Dataset root to write (data.root).")],
+    sbd: Annotated[Path | None, typer.Option(help="SBD benchmark.tgz, or the folder it unpacks to (omit: VOC only).")] = None,
+    saliency_from_gt: Annotated[bool, typer.Option(
+        "--saliency-from-gt", help="Also write SaliencyFromGT/: saliency from the GT masks, for an upper-bound "
+                                   "study only (results with it are not weakly supervised).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Build VOC 2012 + SBD (train_aug, train, val, cls_labels.npy) from the official archives; resumable."""
+    from wsss_tune.data.prepare import PrepareError, prepare_voc
+
+    try:
+        report = prepare_voc(voc=voc, sbd=sbd, out=out, progress=progress, saliency_from_gt=saliency_from_gt)
+    except PrepareError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+    if not report.ok:
+        typer.secho("counts differ from the official VOC 2012 + SBD sets", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------------
@@ -155,6 +178,47 @@ def run(
     headline = {k: v for k, v in metrics.items() if k.endswith("_miou") or k.endswith("_method")}
     typer.echo(json.dumps(headline, indent=2, default=str))
     typer.echo(f"run folder: {out_dir}")
+
+
+# --------------------------------------------------------------------------------------------------
+# weights, doctor
+# --------------------------------------------------------------------------------------------------
+
+
+@weights_app.command("inspect")
+def weights_inspect(
+    file: Annotated[Path, typer.Argument(help="Weights file (.pth, .pt, MXNet .params, .safetensors).")],
+    backbone: Annotated[str | None, typer.Option(help="Compare with this backbone instead of the best fit.")] = None,
+    all_keys: Annotated[bool, typer.Option("--all", help="List every missing/unexpected key.")] = False,
+) -> None:
+    """What a weights file holds, which backbone it fits, and its missing/unexpected keys by name."""
+    from wsss_tune.doctor import describe_weights, format_weights_description
+    from wsss_tune.models.weights import WeightsError
+
+    try:
+        info = describe_weights(file, backbone=backbone)
+    except WeightsError as exc:
+        _fail(str(exc))
+    typer.echo(format_weights_description(info, **({"limit": None} if all_keys else {})))
+
+
+@app.command("doctor")
+def doctor(
+    data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
+    config: Annotated[str | None, typer.Option(help="Built-in config name or YAML path (default: voc).")] = None,
+    set_: SetOpt = None,
+    full: Annotated[bool, typer.Option(help="Read every id of every split, not a sample.")] = False,
+    store: Annotated[str | None, typer.Option(
+        help="Artifact store to check (default: run.artifact_store, else STORAGE/artifacts).")] = None,
+    storage: Annotated[Path | None, typer.Option(help="Sweep experiment folder (default: ./experiments).")] = None,
+) -> None:
+    """Check GPUs, data, disk, weights, W&B and the Ray cluster; one line each; non-zero exit on a problem."""
+    from wsss_tune.doctor import exit_code, format_checks, run_doctor
+
+    checks = run_doctor(data=data, config=config, overrides=set_ or [], full=full, store=store,
+                        experiments=storage)
+    typer.echo(format_checks(checks))
+    raise typer.Exit(exit_code(checks))
 
 
 def main(argv: list[str] | None = None) -> None:
