@@ -11,6 +11,8 @@ radius 5, float32, reference border geometry.
   (Linux: the high-water mark is reset through ``/proc/self/clear_refs`` right before the call and
   read from ``VmHWM``; elsewhere ``ru_maxrss`` of the fresh process minus the resident memory before
   the call); on CUDA, ``torch.cuda.max_memory_allocated`` growth.
+* ``load_1min``: the machine's 1-minute load average after the case (timings on a shared machine
+  are only comparable at similar load).
 * ``labels_agree_%``: pixels of the final masks (bilinear upsampling by 8, argmax) on which the case
   agrees with the dense reference; ``max_rel_diff``: largest score difference over the largest score.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import re
 import resource
 import time
@@ -141,8 +144,9 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     size = case["size"]
     labels = rw_labels(out.float(), (size * STRIDE, size * STRIDE), keys.to(out.device), stride=STRIDE)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     return {"time_s": min(times), "peak_bytes": max(peak, 0), "scores": out.float().cpu().numpy(),
-            "labels": labels.cpu().numpy(), "device": str(device)}
+            "labels": labels.cpu().numpy(), "load": load}
 
 
 def _dense_fits(size: int) -> bool:
@@ -185,6 +189,7 @@ def run(quick: bool) -> list[dict]:
                 "method": case.get("label", f"sparse {case['stencil']}"),
                 "time_s": res["time_s"],
                 "peak_mem_MB": res["peak_bytes"] / 2**20,
+                "load_1min": res["load"],
             }
             if dense is not None:
                 row["speedup_vs_dense"] = dense["time_s"] / res["time_s"]
@@ -195,7 +200,7 @@ def run(quick: bool) -> list[dict]:
         if dense is not None:
             rows.append({"map": f"{size}x{size}", "N": size * size, "method": "dense reference (float32)",
                          "time_s": dense["time_s"], "peak_mem_MB": dense["peak_bytes"] / 2**20,
-                         "speedup_vs_dense": 1.0, "labels_agree_%": 100.0, "max_rel_diff": 0.0})
+                         "load_1min": dense["load"], "speedup_vs_dense": 1.0, "labels_agree_%": 100.0, "max_rel_diff": 0.0})
         else:
             n = size * size
             rows.append({"map": f"{size}x{size}", "N": n, "method": "dense reference: skipped",

@@ -142,6 +142,8 @@ def test_random_walk_errors():
         random_walk(aff[None].expand(2, -1, -1, -1), scores[None])
     with pytest.raises(ValueError, match="t_values"):
         random_walk(aff, scores, t_values=[-1])
+    with pytest.raises(ValueError, match="t_values"):
+        random_walk(aff, scores, t_values=2.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         random_walk(-aff, scores)
 

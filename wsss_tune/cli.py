@@ -221,6 +221,65 @@ def doctor(
     raise typer.Exit(exit_code(checks))
 
 
+# --------------------------------------------------------------------------------------------------
+# report, plan, compare
+# --------------------------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report(
+    exp: Annotated[Path, typer.Argument(help="Experiment folder (written by `wsss-tune sweep`).")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: EXP/report).")] = None,
+    images: Annotated[int, typer.Option(help="Images in the qualitative figure.")] = 4,
+    wandb: Annotated[str, typer.Option(help="Also log to W&B: off | offline | online.")] = "off",
+) -> None:
+    """Write a self-contained HTML report (figures embedded), a Markdown summary and the tables as CSV."""
+    from wsss_tune.analysis.report import report as make_report
+
+    if wandb not in ("off", "offline", "online"):
+        _fail(f"--wandb {wandb!r}: expected off, offline or online")
+    try:
+        make_report(exp, out=out, images=images, wandb=wandb)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command("plan")
+def plan(
+    space: Annotated[str, typer.Argument(help="Built-in search space name or a YAML path.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
+    gpus: Annotated[int, typer.Option(help="Devices the sweep will run on (one trial per device).")] = 1,
+    trials: Annotated[int | None, typer.Option(help="Trials (default: the space's num_samples).")] = None,
+    cache: Annotated[bool, typer.Option(help="Trials share stage artifacts through the cache.")] = True,
+    asha: Annotated[bool, typer.Option(help="Early stopping on the space's fidelity.")] = True,
+    steps: Annotated[int, typer.Option(help="Timed steps per stage.")] = 3,
+) -> None:
+    """Estimate a sweep's cost before launching it: times each stage here, then scales it up."""
+    from wsss_tune.analysis.plan import plan as make_plan
+    from wsss_tune.spaces import SpaceError
+
+    try:
+        _, text = make_plan(space, data=data, gpus=gpus, trials=trials, cache=cache, asha=asha, steps=steps)
+    except (SpaceError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(text)
+
+
+@app.command("compare")
+def compare(
+    exp_a: Annotated[Path, typer.Argument(help="First experiment folder.")],
+    exp_b: Annotated[Path, typer.Argument(help="Second experiment folder.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the comparison (Markdown) to this file.")] = None,
+) -> None:
+    """Line up two experiments: best configs (fields that differ) and stage tables."""
+    from wsss_tune.analysis.compare import compare as make_comparison
+
+    try:
+        make_comparison(exp_a, exp_b, out=out)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: clear one-line errors for user mistakes instead of tracebacks."""
     from wsss_tune.data import DataError

@@ -17,8 +17,8 @@ squarings, and no ``N x N`` matrix.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ DEFAULT_ALPHA = 16.0
 Stencil = Literal["auto", "shifts", "unfold"]
 
 
-def _check_positive_int(name: str, value: int, *, minimum: int) -> int:
+def _check_positive_int(name: str, value: Any, *, minimum: int) -> int:
     try:
         number = operator.index(value)  # int, NumPy or 0-d integer tensors; not floats
     except TypeError:
@@ -62,13 +62,17 @@ def _resolve_steps(t_values: int | Sequence[int] | None, logt: int | None) -> li
     if t_values is None:
         logt = DEFAULT_LOGT if logt is None else _check_positive_int("logt", logt, minimum=0)
         return [2**logt]
+    given: Any = t_values
     try:
-        operator.index(t_values)  # a single number of steps
-        values = [t_values]
+        operator.index(given)  # a single number of steps (int, NumPy or 0-d integer tensor)
+        values = [given]
     except TypeError:
-        if isinstance(t_values, (str, bytes)) or not isinstance(t_values, Iterable):
-            raise ValueError(f"t_values: expected an int or a sequence of ints, got {t_values!r}") from None
-        values = list(t_values)
+        try:
+            if isinstance(given, (str, bytes)):
+                raise TypeError
+            values = list(given)
+        except TypeError:
+            raise ValueError(f"t_values: expected an int or a sequence of ints, got {given!r}") from None
     if not values:
         raise ValueError("t_values: expected at least one number of steps, got an empty sequence")
     return sorted({_check_positive_int("t_values", t, minimum=0) for t in values})

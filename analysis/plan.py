@@ -1,0 +1,655 @@
+"""What a sweep will cost, before launching it: time each stage briefly, then do the arithmetic.
+
+Two halves, kept apart so the arithmetic can be checked by hand:
+
+* :func:`time_stages` measures, on the available device, one optimiser step of EPSNet, AffinityNet
+  and DeepLab at the configured crop and batch, one inference forward of each at the crop size, and
+  one random walk on a map of the crop's size at the affinity stride.
+* :func:`estimate_cost` (pure) multiplies those by the configured iterations and image counts, by
+  how many times each stage artifact is built in a sweep of ``trials`` trials (once when the cache
+  shares it, once per trial otherwise), and by ASHA's expected share of the early-stopped stage's
+  work, and turns the device-seconds into wall-clock time on ``gpus`` devices.
+
+Artifacts follow :mod:`wsss_tune.stages.pipeline`: ``eps_model`` (EPS training), ``eps`` (CAM
+inference and pseudo masks), ``affinity`` (AffinityNet training and affinity inference), ``rw`` (the
+random walk) and ``deeplab`` (training and evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsss_tune.config import PipelineConfig, apply_overrides
+from wsss_tune.spaces import TUNE_METRICS, Fidelity, Param, SearchSpace
+
+__all__ = [
+    "ARTIFACTS",
+    "StageTimings",
+    "DatasetSizes",
+    "ArtifactCost",
+    "CostEstimate",
+    "artifact_chain",
+    "param_artifacts",
+    "param_cardinality",
+    "expected_distinct",
+    "asha_rungs",
+    "asha_fractions",
+    "estimate_cost",
+    "dataset_sizes",
+    "time_stages",
+    "format_plan",
+    "plan",
+]
+
+#: Stage artifacts in pipeline order (see :mod:`wsss_tune.stages.pipeline`).
+ARTIFACTS: tuple[str, ...] = ("eps_model", "eps", "affinity", "rw", "deeplab")
+#: Which artifact's *training* a search metric's early stopping cuts short: the fidelity counts
+#: that stage's own training steps. The random walk reports its metric only after AffinityNet has
+#: trained (one pass yields every t), so ``rw_miou_tune`` leaves nothing to stop early.
+_ASHA_ARTIFACT: dict[str, str | None] = {"eps": "eps_model", "affinity": None, "deeplab": "deeplab"}
+#: Seconds in an hour.
+_HOUR = 3600.0
+#: Optimiser steps and warm-up steps :func:`time_stages` runs per stage by default: enough for a
+#: stable per-step time once cuDNN has picked its kernels, few enough to take seconds on a GPU.
+DEFAULT_TIMED_STEPS = 3
+DEFAULT_WARMUP_STEPS = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageTimings:
+    """Measured seconds of each stage's unit of work on one device.
+
+    Attributes:
+        device: where they were measured (``cuda:0 (NVIDIA ...)``, ``cpu x2``).
+        eps_step, affinity_step, deeplab_step: one optimiser step at the configured batch and crop.
+        eps_forward, affinity_forward, deeplab_forward: one inference forward of one crop-sized image.
+        rw_image: one random walk (``2**rw.logt`` steps) of one crop-sized image.
+    """
+
+    device: str
+    eps_step: float
+    eps_forward: float
+    affinity_step: float
+    affinity_forward: float
+    rw_image: float
+    deeplab_step: float
+    deeplab_forward: float
+
+    def __post_init__(self) -> None:
+        for name in ("eps_step", "eps_forward", "affinity_step", "affinity_forward", "rw_image", "deeplab_step",
+                     "deeplab_forward"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"StageTimings.{name}: expected a finite number of seconds >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSizes:
+    """Image counts the stages iterate over.
+
+    Attributes:
+        train: the training split (``data.train_split``: EPS and AffinityNet epochs, DeepLab training).
+        masks: images that get a CAM, an affinity map and a refined mask (train split ∪ mask-eval split).
+        val: DeepLab's evaluation split (``data.val_split``).
+    """
+
+    train: int
+    masks: int
+    val: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactCost:
+    """One stage artifact in the estimate.
+
+    Attributes:
+        artifact: name (:data:`ARTIFACTS`).
+        seconds: device-seconds of one complete build.
+        builds: expected number of builds in the sweep (fractional: an expectation).
+        work_fraction: share of a build's work a trial does on average (ASHA; 1 without it).
+        shared: built once and shared by every trial (the cache, no searched parameter upstream).
+        device_seconds: ``seconds * builds * work_fraction``.
+        detail: how ``seconds`` was composed.
+    """
+
+    artifact: str
+    seconds: float
+    builds: float
+    work_fraction: float
+    shared: bool
+    device_seconds: float
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostEstimate:
+    """The result of :func:`estimate_cost`; hours are device-hours on the timed device."""
+
+    rows: tuple[ArtifactCost, ...]
+    trials: int
+    gpus: int
+    cache: bool
+    asha: Fidelity | None
+    device: str
+    device_hours: float
+    wall_hours: float
+    per_trial_hours: float
+    assumptions: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_rows(self) -> list[dict[str, Any]]:
+        """Plain rows (one per artifact) for tables and files."""
+        return [{"artifact": r.artifact, "hours_per_build": r.seconds / _HOUR, "builds": r.builds,
+                 "work_fraction": r.work_fraction, "shared": r.shared, "device_hours": r.device_seconds / _HOUR,
+                 "detail": r.detail} for r in self.rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# Which artifacts a trial builds, and how many distinct ones a sweep needs
+# --------------------------------------------------------------------------------------------------
+
+
+def artifact_chain(cfg: PipelineConfig, stages: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The artifacts a run of ``stages`` builds, each with the artifacts upstream of it (itself included).
+
+    Mirrors :meth:`wsss_tune.stages.pipeline.PipelineRun.run`: DeepLab on ``refined`` masks needs the
+    whole chain, on ``eps`` masks the EPS artifacts, on ``gt`` or a folder nothing upstream.
+    """
+    src = cfg.deeplab.mask_source
+    needs_eps = "eps" in stages or "affinity" in stages or ("deeplab" in stages and src in ("eps", "refined"))
+    needs_aff = "affinity" in stages or ("deeplab" in stages and src == "refined")
+    out: dict[str, tuple[str, ...]] = {}
+    if needs_eps:
+        out["eps_model"] = ("eps_model",)
+        out["eps"] = ("eps_model", "eps")
+    if needs_aff and needs_eps:
+        out["affinity"] = ("eps_model", "eps", "affinity")
+        out["rw"] = ("eps_model", "eps", "affinity", "rw")
+    if "deeplab" in stages:
+        upstream = {"refined": out.get("rw", ()), "eps": out.get("eps", ())}.get(src, ())
+        out["deeplab"] = (*upstream, "deeplab")
+    return out
+
+
+def param_artifacts(p: Param, cfg: PipelineConfig) -> tuple[str, ...]:
+    """The artifacts whose own key changes when ``p`` changes (upstream keys aside).
+
+    Found by setting ``p`` to two values of its domain and comparing
+    :func:`~wsss_tune.stages.pipeline.stage_key_parts`, so it follows the pipeline's keys exactly:
+    ``eps.tau`` keys ``eps_model``, ``eps.bg_threshold`` keys ``eps``, ``run.seed`` keys every
+    trained artifact, a bookkeeping field such as ``eps.eval_every`` keys nothing.
+    """
+    from wsss_tune.stages.pipeline import stage_key_parts
+
+    values = p.grid(2)[:2]
+    if len(values) < 2:
+        return ()
+    a, b = (stage_key_parts(apply_overrides(cfg, {p.path: v}), "") for v in values)
+    return tuple(name for name in ARTIFACTS if a[name] != b[name])
+
+
+def param_cardinality(p: Param) -> float:
+    """Number of distinct values ``p`` can take (``inf`` for a continuous range)."""
+    if p.kind == "categorical":
+        return float(len(p.choices))
+    assert p.low is not None and p.high is not None
+    if p.kind == "int":
+        return float(int(p.high - p.low) // int(p.step or 1) + 1)
+    if p.step:
+        return float(math.floor((p.high - p.low) / p.step + 1e-9) + 1)
+    return math.inf
+
+
+def expected_distinct(k: float, n: int) -> float:
+    """Expected number of distinct values among ``n`` uniform draws from ``k`` equally likely values.
+
+    ``k (1 - (1 - 1/k)^n)`` (occupancy: each value is missed by all draws with probability
+    ``(1 - 1/k)^n``); ``n`` when ``k`` is infinite (a continuous parameter never repeats).
+    """
+    if n <= 0:
+        return 0.0
+    if math.isinf(k):
+        return float(n)
+    if k < 1:
+        raise ValueError(f"expected_distinct: k={k} must be >= 1")
+    return k * (1.0 - (1.0 - 1.0 / k) ** n)
+
+
+def asha_rungs(f: Fidelity) -> list[float]:
+    """ASHA's milestones, ascending, in units of ``time_attr``.
+
+    As Ray Tune's ``ASHAScheduler``: ``int(log(max_t / grace) / log(eta) + 1)`` rungs at
+    ``grace * eta**k``.
+    """
+    n = int(math.log(f.max_t / f.grace_period) / math.log(f.reduction_factor) + 1)
+    return [f.grace_period * f.reduction_factor**k for k in range(n)]
+
+
+def asha_fractions(f: Fidelity) -> tuple[float, float]:
+    """``(work, complete)``: expected share of ``max_t`` a trial trains, and share of trials finishing.
+
+    With many trials, a trial passes each rung with probability ``1/eta`` (ASHA promotes the top
+    ``1/eta``), so it stops at rung ``k`` (milestone ``r_k``, below ``max_t``) with probability
+    ``eta^-k (1 - 1/eta)`` and finishes with ``eta^-K``, ``K`` = rungs below ``max_t``::
+
+        work = (sum_k eta^-k (1 - 1/eta) r_k + eta^-K max_t) / max_t
+
+    This is the asymptotic rate: Ray promotes more freely while a rung holds few results.
+    """
+    eta = f.reduction_factor
+    rungs = [r for r in asha_rungs(f) if r < f.max_t]
+    work = sum(eta**-k * (1.0 - 1.0 / eta) * r for k, r in enumerate(rungs))
+    complete = eta ** -len(rungs)
+    return (work + complete * f.max_t) / f.max_t, complete
+
+
+# --------------------------------------------------------------------------------------------------
+# The arithmetic
+# --------------------------------------------------------------------------------------------------
+
+
+def _passes(scales: Sequence[float], flip: bool) -> int:
+    return len(scales) * (2 if flip else 1)
+
+
+def _build_seconds(t: StageTimings, cfg: PipelineConfig, sizes: DatasetSizes) -> dict[str, tuple[float, float, str]]:
+    """``artifact -> (training seconds, other seconds, detail)`` of one complete build."""
+    from wsss_tune.stages.affinity import max_steps
+
+    e, a, d = cfg.eps, cfg.affinity, cfg.deeplab
+    cam_passes = _passes(e.cam_scales, e.cam_flip)
+    test_passes = _passes(d.test_scales, d.test_flip)
+    eps_evals = e.iterations // e.eval_every if e.eval_every > 0 else 0
+    dl_evals = d.iterations // d.eval_every if d.eval_every > 0 else 0
+    aff_steps = max_steps(a, sizes.train)
+    return {
+        "eps_model": (e.iterations * t.eps_step, eps_evals * e.eval_images * cam_passes * t.eps_forward,
+                      f"{e.iterations} steps x {t.eps_step:.3g} s + {eps_evals} evals x {e.eval_images} images "
+                      f"x {cam_passes} passes"),
+        "eps": (0.0, sizes.masks * cam_passes * t.eps_forward,
+                f"{sizes.masks} images x {cam_passes} passes x {t.eps_forward:.3g} s"),
+        "affinity": (aff_steps * t.affinity_step, sizes.masks * t.affinity_forward,
+                     f"{aff_steps} steps x {t.affinity_step:.3g} s + {sizes.masks} images x "
+                     f"{t.affinity_forward:.3g} s"),
+        "rw": (0.0, sizes.masks * t.rw_image, f"{sizes.masks} images x {t.rw_image:.3g} s"),
+        "deeplab": (d.iterations * t.deeplab_step,
+                    (dl_evals * d.eval_images + sizes.val) * test_passes * t.deeplab_forward,
+                    f"{d.iterations} steps x {t.deeplab_step:.3g} s + ({dl_evals} evals x {d.eval_images} + "
+                    f"{sizes.val} val) images x {test_passes} passes"),
+    }
+
+
+def estimate_cost(
+    timings: StageTimings,
+    space: SearchSpace,
+    cfg: PipelineConfig,
+    trials: int,
+    gpus: int,
+    cache: bool = True,
+    asha: bool | Fidelity = True,
+    *,
+    sizes: DatasetSizes,
+) -> CostEstimate:
+    """Expected device-hours and wall-clock hours of a sweep (pure arithmetic, no I/O).
+
+    Per artifact: ``seconds`` of one build from :class:`StageTimings` (iterations x step time, plus
+    images x inference passes x forward time), times the expected number of builds: with the cache,
+    the number of distinct upstream configurations among ``trials`` (1 when the space searches
+    nothing at or upstream of it; :func:`expected_distinct` over the product of the searched
+    parameters' cardinalities, ``trials`` when one is continuous); without it, one per trial. ASHA
+    cuts the training of the metric's stage to :func:`asha_fractions` ``work`` per build, and the
+    artifacts after it run only for the ``complete`` share of trials.
+
+    Wall clock: shared artifacts first (every trial waits for them), then the rest spread over
+    ``min(gpus, trials)`` devices, one trial per device, but never less than one whole trial.
+
+    Args:
+        timings: measured unit times (:func:`time_stages`, or stubs in tests).
+        space: the search space (its stages, searched parameters, metric and fidelity).
+        cfg: the resolved base config of the space (iterations, batch, scales).
+        trials: number of trials.
+        gpus: devices running trials in parallel.
+        cache: whether trials share stage artifacts (the artifact store).
+        asha: ``True`` = the space's fidelity (none if it has none), ``False`` = every trial runs to
+            the end, or an explicit :class:`~wsss_tune.spaces.Fidelity`.
+        sizes: image counts of the dataset.
+
+    Raises:
+        ValueError: ``trials`` or ``gpus`` below 1.
+    """
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"estimate_cost: trials={trials!r}, expected an integer >= 1")
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"estimate_cost: gpus={gpus!r}, expected an integer >= 1")
+    fidelity = space.fidelity if asha is True else (asha or None)
+    chain = artifact_chain(cfg, space.stages)
+    metric_stage = TUNE_METRICS[space.metric][0] if space.metric in TUNE_METRICS else None
+    asha_artifact = _ASHA_ARTIFACT.get(metric_stage) if (fidelity is not None and metric_stage) else None
+    if asha_artifact not in chain:
+        asha_artifact = None
+    work, complete = asha_fractions(fidelity) if asha_artifact else (1.0, 1.0)
+
+    keyed: dict[str, list[Param]] = {a: [] for a in ARTIFACTS}
+    for p in space.params:
+        for a in param_artifacts(p, cfg):
+            keyed[a].append(p)
+    builds_seconds = _build_seconds(timings, cfg, sizes)
+
+    rows: list[ArtifactCost] = []
+    per_trial = 0.0
+    shared_seconds = 0.0
+    for name in ARTIFACTS:
+        if name not in chain:
+            continue
+        upstream = list({p.path: p for a in chain[name] for p in keyed[a]}.values())
+        cardinality = math.prod(param_cardinality(p) for p in upstream) if upstream else 1.0
+        shared = cache and cardinality == 1.0
+        train_s, other_s, detail = builds_seconds[name]
+        seconds = train_s + other_s
+        after_asha = asha_artifact is not None and asha_artifact in chain[name] and name != asha_artifact
+        if name == asha_artifact and not shared:
+            fraction = (work * train_s + complete * other_s) / seconds if seconds > 0 else 1.0
+        elif after_asha and not shared:
+            fraction = complete
+        else:
+            fraction = 1.0
+        builds = expected_distinct(cardinality, trials) if cache else float(trials)
+        device_s = seconds * builds * fraction
+        rows.append(ArtifactCost(artifact=name, seconds=seconds, builds=builds, work_fraction=fraction, shared=shared,
+                                 device_seconds=device_s, detail=detail))
+        if shared:
+            shared_seconds += seconds
+        else:
+            per_trial += seconds
+    total = sum(r.device_seconds for r in rows)
+    lanes = min(gpus, trials)
+    wall = shared_seconds + max((total - shared_seconds) / lanes, per_trial)
+    return CostEstimate(rows=tuple(rows), trials=trials, gpus=gpus, cache=cache, asha=fidelity if asha_artifact else None,
+                        device=timings.device, device_hours=total / _HOUR, wall_hours=wall / _HOUR,
+                        per_trial_hours=(shared_seconds + per_trial) / _HOUR,
+                        assumptions=_assumptions(space, cfg, timings, asha_artifact, fidelity, cache, gpus))
+
+
+def _assumptions(space: SearchSpace, cfg: PipelineConfig, t: StageTimings, asha_artifact: str | None,
+                 fidelity: Fidelity | None, cache: bool, gpus: int) -> tuple[str, ...]:
+    out = [
+        f"unit times measured on {t.device}; device-hours are hours of that device",
+        "one trial per device; trials start as soon as a device is free",
+        "an inference pass costs one forward at the crop size (real images differ in size)",
+        "steps after the timed ones take as long (no data-loading stalls, no contention between trials)",
+    ]
+    if cache:
+        out.append("cache on: an artifact whose upstream searched parameters repeat is built once; discrete "
+                   "parameters are drawn uniformly (TPE concentrates draws, so it repeats more often)")
+    else:
+        out.append("cache off: every trial builds every stage it runs")
+    if asha_artifact and fidelity is not None:
+        work, complete = asha_fractions(fidelity)
+        out.append(f"ASHA on the {asha_artifact} training: rungs {asha_rungs(fidelity)} of max_t {fidelity.max_t}, "
+                   f"eta {fidelity.reduction_factor:g}; a trial trains {work:.0%} of it on average and "
+                   f"{complete:.0%} of trials finish (the asymptotic rate; early trials are promoted more)")
+    elif fidelity is not None:
+        out.append(f"no early stopping: the metric {space.metric} comes after the training its fidelity would cut")
+    else:
+        out.append("no early stopping: every trial runs to the end")
+    if gpus > 1:
+        out.append(f"{gpus} devices: wall clock = shared stages + the rest / min(devices, trials)")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+
+
+def dataset_sizes(cfg: PipelineConfig) -> DatasetSizes:
+    """Count the images of ``cfg``'s splits (reads the id lists of ``cfg.data.root``)."""
+    from wsss_tune.data import VOCLayout
+
+    layout = VOCLayout.from_config(cfg.data)
+    train = layout.split_ids(cfg.data.train_split)
+    masks = set(train) | set(layout.split_ids(cfg.data.mask_eval_split))
+    return DatasetSizes(train=len(train), masks=len(masks), val=len(layout.split_ids(cfg.data.val_split)))
+
+
+def _timed(fn: Callable[[], None], *, steps: int, warmup: int, device: Any) -> float:
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def time_stages(
+    cfg: PipelineConfig,
+    *,
+    num_classes: int,
+    stages: Sequence[str] = ("eps", "affinity", "deeplab"),
+    device: Any = None,
+    steps: int = DEFAULT_TIMED_STEPS,
+    warmup: int = DEFAULT_WARMUP_STEPS,
+) -> StageTimings:
+    """Time each stage's model on ``device`` at ``cfg``'s crop and batch (random inputs, random init).
+
+    EPSNet: forward, EPS loss (``eps.method: eps``) or the classification loss, backward, step.
+    AffinityNet: forward, affinities over the radius, affinity loss against random labels, backward,
+    step. DeepLab: forward (MSC when configured), cross-entropy, backward, step. Forwards run under
+    ``no_grad`` in eval mode; the walk is :func:`~wsss_tune.ops.random_walk.random_walk` with
+    ``2**rw.logt`` steps on ``C + 1`` score planes. Only the models the pipeline ``stages`` run are
+    timed (:func:`artifact_chain`); the others get 0.
+
+    Args:
+        cfg: resolved config (backbones, crops, batches, amp).
+        num_classes: object classes C.
+        stages: pipeline stages the sweep runs.
+        device: torch device (default: ``cfg.run.device`` resolved).
+        steps, warmup: timed and untimed repetitions of each step.
+    """
+    import torch
+
+    from wsss_tune.models.affinity_net import build_affinity_net
+    from wsss_tune.models.deeplab import build_deeplab
+    from wsss_tune.models.eps_net import build_eps_net
+    from wsss_tune.ops.affinity import affinity_from_features, affinity_labels, affinity_loss
+    from wsss_tune.ops.eps_loss import classification_loss, eps_loss
+    from wsss_tune.ops.random_walk import random_walk
+    from wsss_tune.ops.seg_loss import msc_loss
+    from wsss_tune.stages.common import build_optimizer
+    from wsss_tune.stages.deeplab import build_deeplab_optimizer
+    from wsss_tune.utils.runtime import autocast, resolve_device, seed_everything
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"time_stages: steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    device = torch.device(device) if device is not None else resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    e, a, r, d = cfg.eps, cfg.affinity, cfg.rw, cfg.deeplab
+    c = num_classes
+    timed = {"steps": steps, "warmup": warmup, "device": device}
+
+    def images(batch: int, crop: int) -> torch.Tensor:
+        return torch.randn(batch, 3, crop, crop, device=device)
+
+    def time_eps() -> tuple[float, float]:
+        eps_net = build_eps_net(backbone=e.backbone, num_classes=c).to(device)
+        opt = build_optimizer(eps_net.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer, lr=e.lr,
+                              momentum=e.momentum, weight_decay=e.weight_decay)
+        x = images(e.batch_size, e.crop_size)
+        labels = (torch.rand(e.batch_size, c, device=device) < 0.3).float()
+        saliency = torch.rand(e.batch_size, 1, e.crop_size, e.crop_size, device=device)
+
+        def eps_step() -> None:
+            with autocast(device, e.amp):
+                logits, maps = eps_net(x)
+            if e.method == "eps":
+                loss = eps_loss(maps.float(), saliency, labels, image_logits=logits.float(), tau=e.tau, lam=e.lam).loss
+            else:
+                loss = classification_loss(logits.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        eps_net.train()
+        eps_step_s = _timed(eps_step, **timed)
+        eps_net.eval()
+        one = images(1, e.crop_size)
+
+        def eps_forward() -> None:
+            with torch.no_grad(), autocast(device, e.amp):
+                eps_net.forward_maps(one)
+
+        eps_forward_s = _timed(eps_forward, **timed)
+        return eps_step_s, eps_forward_s
+
+    def time_affinity() -> tuple[float, float, float]:
+        aff_net = build_affinity_net(backbone=a.backbone or e.backbone, widths=a.widths,
+                                     out_channels=a.out_channels).to(device)
+        opt = build_optimizer(aff_net.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer, lr=a.lr,
+                              momentum=a.momentum, weight_decay=a.weight_decay)
+        x = images(a.batch_size, a.crop_size)
+        with torch.no_grad():
+            fshape = aff_net.eval()(images(1, a.crop_size)).shape[-2:]
+        pair_labels = affinity_labels(torch.randint(0, c + 1, (a.batch_size, *fshape), device=device), radius=a.radius)
+
+        def aff_step() -> None:
+            with autocast(device, a.amp):
+                feat = aff_net(x)
+            aff = affinity_from_features(feat.float(), radius=a.radius)
+            loss, _ = affinity_loss(aff, *pair_labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        aff_net.train()
+        aff_step_s = _timed(aff_step, **timed)
+        aff_net.eval()
+        one = images(1, a.crop_size)
+        last: dict[str, torch.Tensor] = {}
+
+        def aff_forward() -> None:
+            with torch.no_grad(), autocast(device, a.amp):
+                last["aff"] = affinity_from_features(aff_net(one).float(), radius=a.radius)[0]
+
+        aff_forward_s = _timed(aff_forward, **timed)
+        scores = torch.rand(c + 1, *fshape, device=device)
+
+        def walk() -> None:
+            random_walk(last["aff"], scores, radius=a.radius, beta=r.beta, logt=r.logt, pad_border=False)
+
+        rw_s = _timed(walk, **timed)
+        return aff_step_s, aff_forward_s, rw_s
+
+    def time_deeplab() -> tuple[float, float]:
+        dl = build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=c + 1, msc=d.msc, freeze_bn=d.freeze_bn)
+        dl = dl.to(device)
+        opt = build_deeplab_optimizer(dl, d)
+        x = images(d.batch_size, d.crop_size)
+        target = torch.randint(0, c + 1, (d.batch_size, d.crop_size, d.crop_size), device=device)
+
+        def dl_step() -> None:
+            with autocast(device, d.amp):
+                out = dl(x)
+            loss = msc_loss(out if isinstance(out, torch.Tensor) else [o.float() for o in out], target,
+                            balanced=d.balanced_ce)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        dl.train()
+        dl_step_s = _timed(dl_step, **timed)
+        dl.eval()
+        one = images(1, d.crop_size)
+
+        def dl_forward() -> None:
+            with torch.no_grad(), autocast(device, d.amp):
+                dl(one)
+
+        dl_forward_s = _timed(dl_forward, **timed)
+        return dl_step_s, dl_forward_s
+
+    chain = artifact_chain(cfg, stages)
+    eps_step_s, eps_forward_s = time_eps() if "eps_model" in chain else (0.0, 0.0)
+    aff_step_s, aff_forward_s, rw_s = time_affinity() if "affinity" in chain else (0.0, 0.0, 0.0)
+    dl_step_s, dl_forward_s = time_deeplab() if "deeplab" in chain else (0.0, 0.0)
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
+        f"cpu x{torch.get_num_threads()}"
+    return StageTimings(device=name, eps_step=eps_step_s, eps_forward=eps_forward_s, affinity_step=aff_step_s,
+                        affinity_forward=aff_forward_s, rw_image=rw_s, deeplab_step=dl_step_s,
+                        deeplab_forward=dl_forward_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presenting
+# --------------------------------------------------------------------------------------------------
+
+
+def format_plan(est: CostEstimate, *, alternatives: Mapping[str, CostEstimate] | None = None) -> str:
+    """Plain-text plan: one line per artifact, totals, the scenarios compared, the assumptions."""
+    lines = [f"Sweep cost estimate: {est.trials} trials on {est.gpus} device(s), cache {'on' if est.cache else 'off'}, "
+             f"early stopping {'ASHA' if est.asha else 'off'}", ""]
+    head = f"{'artifact':<10} {'h/build':>9} {'builds':>7} {'work':>6} {'device-h':>10}  composition"
+    lines += [head, "-" * len(head)]
+    for r in est.rows:
+        lines.append(f"{r.artifact:<10} {r.seconds / _HOUR:>9.3f} {r.builds:>7.2f} {r.work_fraction:>6.0%} "
+                     f"{r.device_seconds / _HOUR:>10.2f}  {'shared, ' if r.shared else ''}{r.detail}")
+    lines += ["", f"one trial, start to end:   {est.per_trial_hours:10.2f} h",
+              f"total device time:         {est.device_hours:10.2f} device-hours",
+              f"expected wall clock:       {est.wall_hours:10.2f} h on {est.gpus} device(s)"]
+    if alternatives:
+        lines += ["", f"{'scenario':<28} {'device-h':>10} {'wall h':>9}"]
+        for label, alt in alternatives.items():
+            lines.append(f"{label:<28} {alt.device_hours:>10.2f} {alt.wall_hours:>9.2f}")
+    lines += ["", "Assumptions:", *(f"  - {a}" for a in est.assumptions)]
+    return "\n".join(lines)
+
+
+def plan(
+    space: str | Path,
+    *,
+    data: str | Path | None = None,
+    gpus: int = 1,
+    trials: int | None = None,
+    cache: bool = True,
+    asha: bool = True,
+    steps: int = DEFAULT_TIMED_STEPS,
+    device: str | None = None,
+) -> tuple[CostEstimate, str]:
+    """Load ``space``, time its stages here, estimate the sweep; returns the estimate and its text.
+
+    The text compares the four scenarios (cache on/off x ASHA on/off) under the chosen one.
+    """
+    from wsss_tune.data import VOCLayout
+    from wsss_tune.spaces import load_space
+
+    sp = load_space(space)
+    cfg = sp.base_config()
+    if data is not None:
+        cfg = apply_overrides(cfg, {"data.root": str(Path(data).expanduser().resolve())})
+    if not Path(cfg.data.root).is_dir():
+        raise FileNotFoundError(f"data root {cfg.data.root!r} does not exist (pass --data ROOT)")
+    n = trials if trials is not None else sp.num_samples
+    sizes = dataset_sizes(cfg)
+    timings = time_stages(cfg, num_classes=VOCLayout.from_config(cfg.data).num_classes, stages=sp.stages,
+                          device=device, steps=steps)
+    est = estimate_cost(timings, sp, cfg, n, gpus, cache=cache, asha=asha, sizes=sizes)
+    alternatives = {f"cache {'on' if c else 'off'}, ASHA {'on' if s else 'off'}":
+                    estimate_cost(timings, sp, cfg, n, gpus, cache=c, asha=s, sizes=sizes)
+                    for c in (True, False) for s in (True, False)}
+    return est, format_plan(est, alternatives=alternatives)

@@ -1,0 +1,511 @@
+"""What a sweep found, as plain tables computed once from an experiment folder.
+
+Every table here is a :class:`Table` (a pandas frame with a title and a note) computed from the
+experiment's results (:func:`~wsss_tune.analysis.results.load_experiment`: ``trials.parquet``,
+``reports.parquet``, ``experiment.json``), its Optuna study and its trials' ``metrics.json``. The
+report, the W&B upload and the figures all draw from these same tables, so a number in a file, a
+plot and a table come from one computation.
+
+=================  ==========================================================================
+``stages``         reference vs best config: CAM (when a CAM-baseline trial exists), EPS pseudo
+                   mask, refined mask, DeepLab; mIoU on the tune and held-out halves, each
+                   stage's gain over the previous one, and best minus reference
+``trials``         one row per trial: order, status, searched values, final and last reported
+                   value of the metric, how far it got
+``history``        the optimisation history: value per trial and the best so far
+``importances``    fANOVA parameter importances (Optuna), or why there are none
+``curves``         the metric at each reported fidelity step of every trial
+``stopped``        the trials stopped early: where, with which value and values
+``per_class``      per-class IoU of the best config against the reference config
+``compute``        device-hours per stage artifact: built, served from the cache, hours saved
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from wsss_tune.analysis.results import ExperimentResult, TrialRecord, stage_miou_rows
+
+__all__ = [
+    "STAGE_PREFIXES",
+    "MIN_FANOVA_TRIALS",
+    "Table",
+    "cam_baseline",
+    "stage_table",
+    "trials_table",
+    "history_table",
+    "load_study",
+    "importance_table",
+    "curves_table",
+    "stopped_table",
+    "per_class_table",
+    "stage_infos",
+    "artifact_build_seconds",
+    "compute_table",
+    "experiment_tables",
+    "fidelity_attr",
+]
+
+#: Row label and metric prefix of each stage, in pipeline order. ``cam`` is the plain-CAM baseline:
+#: ``cam_miou*`` metrics if a run reports them, else the EPS-stage numbers of a trial whose
+#: ``eps_method`` is ``cam`` (``eps.method: cam``, the baseline without the saliency loss).
+STAGE_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("CAM", "cam"), ("EPS pseudo-mask", "eps"), ("refined", "rw"), ("DeepLab", "deeplab"))
+#: Labels :func:`~wsss_tune.analysis.results.stage_miou_rows` gives the stages it reports.
+_RESULTS_LABELS: dict[str, str] = {"EPS": "eps", "refined": "rw", "DeepLab": "deeplab"}
+#: fANOVA (Hutter et al., ICML 2014) fits a random forest to (values -> objective); with fewer
+#: completed trials than this, or not more than there are searched parameters, the forest fits
+#: noise and the importances mean nothing. Our threshold; Optuna itself needs only 2 trials.
+MIN_FANOVA_TRIALS = 5
+#: fANOVA forest size and seed: Optuna's defaults (64 trees), seeded so a report is reproducible.
+FANOVA_TREES = 64
+FANOVA_SEED = 0
+#: Pipeline artifacts (:mod:`wsss_tune.stages.pipeline`), in order, as recorded in ``metrics.json``.
+ARTIFACT_ORDER = ("eps_model", "eps", "affinity", "rw", "deeplab")
+#: The artifact store's manifest (holds ``build_seconds``) inside each artifact folder.
+_MANIFEST = "MANIFEST.json"
+#: Result key counting a trial's reports when the space has no fidelity (Ray Tune's).
+_TRAINING_ITERATION = "training_iteration"
+_HOUR = 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Table:
+    """A computed table: ``name`` is its file stem, ``note`` says what a reader must know about it."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    note: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return self.frame.empty
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage table
+# --------------------------------------------------------------------------------------------------
+
+
+def cam_baseline(exp: ExperimentResult) -> TrialRecord | None:
+    """The CAM-baseline trial: the completed trial with ``eps_method == 'cam'`` and the best
+    ``eps_miou_tune`` (None when the sweep ran no CAM trial)."""
+    best: TrialRecord | None = None
+    for t in exp.trials:
+        v = t.value("eps_miou_tune")
+        if t.status != "completed" or t.metrics.get("eps_method") != "cam" or v is None:
+            continue
+        if best is None or v > (best.value("eps_miou_tune") or -math.inf):
+            best = t
+    return best
+
+
+def _stage_values(exp: ExperimentResult) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """``{"reference"|"best": {prefix: (tune, heldout)}}`` from :func:`stage_miou_rows` plus ``cam_*``."""
+    out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    trials = {"reference": exp.reference, "best": exp.best}
+    for row in stage_miou_rows(exp):
+        values: dict[str, tuple[float | None, float | None]] = {}
+        for label, prefix in _RESULTS_LABELS.items():
+            if f"{label} tune" in row or f"{label} held-out" in row:
+                values[prefix] = (_finite(row.get(f"{label} tune")), _finite(row.get(f"{label} held-out")))
+        trial = trials[row["config"]]
+        if trial is not None and trial.metrics.get("eps_method") == "cam" and "eps" in values:
+            values["cam"] = values.pop("eps")  # this config's "EPS" masks are plain CAM masks
+        elif trial is not None and (trial.value("cam_miou_tune") is not None or trial.value("cam_miou_heldout") is not None):
+            values["cam"] = (trial.value("cam_miou_tune"), trial.value("cam_miou_heldout"))
+        out[row["config"]] = values
+    return out
+
+
+def stage_table(exp: ExperimentResult) -> Table:
+    """Reference config vs best found, stage by stage (the seed's results table).
+
+    Columns: ``stage``; ``reference_tune``/``_heldout`` and ``best_tune``/``_heldout`` (mIoU, %);
+    ``reference_gain_*``/``best_gain_*``: the stage minus the previous stage of the same config;
+    ``delta_*``: best minus reference. A CAM row appears when a CAM number exists: the trial's own
+    ``cam_miou_*`` metrics, else a CAM-baseline trial of the sweep (:func:`cam_baseline`), whose
+    number then stands in both configs' columns (it is the baseline both are measured against).
+    """
+    values = _stage_values(exp)
+    baseline = cam_baseline(exp)
+    note = []
+    if baseline is not None:
+        cam = (baseline.value("eps_miou_tune"), baseline.value("eps_miou_heldout"))
+        for cfg in values:
+            values[cfg].setdefault("cam", cam)
+        note.append(f"CAM: trial {baseline.trial_id} (eps.method = cam), the plain-CAM baseline")
+    rows = []
+    previous: dict[str, tuple[float | None, float | None]] = {}
+    for label, prefix in STAGE_PREFIXES:
+        if not any(prefix in v for v in values.values()):
+            continue
+        row: dict[str, Any] = {"stage": label}
+        for cfg in ("reference", "best"):
+            tune, held = values.get(cfg, {}).get(prefix, (None, None))
+            row[f"{cfg}_tune"], row[f"{cfg}_heldout"] = tune, held
+            prev = previous.get(cfg)
+            for i, split in enumerate(("tune", "heldout")):
+                now = (tune, held)[i]
+                before = prev[i] if prev else None
+                row[f"{cfg}_gain_{split}"] = now - before if now is not None and before is not None else None
+            if tune is not None or held is not None:
+                previous[cfg] = (tune, held)
+        for split in ("tune", "heldout"):
+            b, r = row[f"best_{split}"], row[f"reference_{split}"]
+            row[f"delta_{split}"] = b - r if b is not None and r is not None else None
+        rows.append(row)
+    if exp.reference is None:
+        note.append("no trial evaluated the reference point")
+    if exp.best is None:
+        note.append("no trial completed, so there is no best config")
+    else:
+        note.append(f"best = trial {exp.best.trial_id}, chosen by {exp.metric} (tune half); the held-out "
+                    "column is the number to report")
+    if exp.reference is not None:
+        note.append(f"reference = trial {exp.reference.trial_id} (the space's reference point)")
+    cols = ["stage", "reference_tune", "reference_heldout", "best_tune", "best_heldout", "reference_gain_tune",
+            "reference_gain_heldout", "best_gain_tune", "best_gain_heldout", "delta_tune", "delta_heldout"]
+    return Table(name="stages", title="Mask quality by stage (mIoU %): reference config vs best found",
+                 frame=pd.DataFrame(rows, columns=cols), note="; ".join(note))
+
+
+# --------------------------------------------------------------------------------------------------
+# Trials, history, curves, stopped trials
+# --------------------------------------------------------------------------------------------------
+
+
+def fidelity_attr(exp: ExperimentResult) -> str:
+    """The reported counter the scheduler compares trials on (the space's fidelity ``time_attr``),
+    or Ray's ``training_iteration`` when the space has none."""
+    fid = (exp.info.get("space") or {}).get("fidelity") or {}
+    return str(fid.get("time_attr") or _TRAINING_ITERATION)
+
+
+def _reports_frame(exp: ExperimentResult) -> pd.DataFrame:
+    try:
+        return exp.reports().to_pandas()
+    except FileNotFoundError:
+        return pd.DataFrame(columns=["trial_id"])
+
+
+def curves_table(exp: ExperimentResult, reports: pd.DataFrame | None = None) -> Table:
+    """The searched metric at each reported fidelity step of every trial (rows without it are skipped).
+
+    Columns: ``trial_id``, ``status``, ``step`` (:func:`fidelity_attr`), ``value``.
+    """
+    reports = _reports_frame(exp) if reports is None else reports
+    attr = fidelity_attr(exp)
+    status = {t.trial_id: t.status for t in exp.trials}
+    rows = []
+    if exp.metric in reports.columns:
+        step_col = attr if attr in reports.columns else _TRAINING_ITERATION
+        for rec in reports.to_dict("records"):
+            v, s = _finite(rec.get(exp.metric)), _finite(rec.get(step_col))
+            if v is None or s is None or rec.get("final"):
+                continue
+            rows.append({"trial_id": rec["trial_id"], "status": status.get(rec["trial_id"], "incomplete"),
+                         "step": int(s) if s.is_integer() else s, "value": v})
+    frame = pd.DataFrame(rows, columns=["trial_id", "status", "step", "value"])
+    frame = frame.drop_duplicates(["trial_id", "step"], keep="first").reset_index(drop=True)
+    return Table(name="curves", title=f"{exp.metric} at each {attr} step", frame=frame,
+                 note=f"intermediate values as the scheduler saw them (x = {attr})")
+
+
+def trials_table(exp: ExperimentResult, curves: Table | None = None) -> Table:
+    """One row per trial, in creation order.
+
+    Columns: ``order`` (0-based), ``trial_id``, ``status``, ``reference``, ``best``, ``value`` (final
+    metric, completed trials only), ``last_value`` and ``last_step`` (the last intermediate value and
+    where it was reported: how far a stopped trial got), ``heldout``, ``seconds``, ``error``, and one
+    column per searched parameter (its config path).
+    """
+    curves = curves_table(exp) if curves is None else curves
+    last = curves.frame.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")
+    params = [p for p in (exp.info.get("space") or {}).get("params", {})]
+    for t in exp.trials:
+        params += [k for k in t.params if k not in params]
+    rows = []
+    best_id = exp.best.trial_id if exp.best else None
+    for i, t in enumerate(exp.trials):
+        row: dict[str, Any] = {
+            "order": i, "trial_id": t.trial_id, "status": t.status, "reference": t.reference,
+            "best": t.trial_id == best_id, "value": t.value(exp.metric) if t.status == "completed" else None,
+            "last_value": float(last.loc[t.trial_id, "value"]) if t.trial_id in last.index else t.value(exp.metric),
+            "last_step": last.loc[t.trial_id, "step"].item() if t.trial_id in last.index else None,
+            "heldout": t.value(exp.heldout_metric), "seconds": t.seconds, "error": t.error,
+        }
+        row.update({p: t.params.get(p) for p in params})
+        rows.append(row)
+    cols = ["order", "trial_id", "status", "reference", "best", "value", "last_value", "last_step", "heldout",
+            "seconds", "error", *params]
+    return Table(name="trials", title=f"All trials ({exp.metric}, {exp.mode})", frame=pd.DataFrame(rows, columns=cols),
+                 note="value: final metric of a completed trial; last_value/last_step: last intermediate value "
+                      "and its step (a stopped trial's truncated number)")
+
+
+def history_table(exp: ExperimentResult, trials: Table | None = None) -> Table:
+    """The optimisation history: each completed trial's value in creation order and the best so far.
+
+    Columns: ``order``, ``trial_id``, ``status``, ``value`` (final, or the last intermediate value of a
+    stopped trial, marked by its status), ``best_so_far`` (over completed trials only).
+    """
+    trials = trials_table(exp) if trials is None else trials
+    rows = []
+    best: float | None = None
+    for rec in trials.frame.to_dict("records"):
+        value = _finite(rec["value"]) if rec["status"] == "completed" else _finite(rec["last_value"])
+        if rec["status"] == "completed" and value is not None and (best is None or _better(value, best, exp.mode)):
+            best = value
+        if rec["status"] in ("completed", "pruned"):
+            rows.append({"order": rec["order"], "trial_id": rec["trial_id"], "status": rec["status"],
+                         "value": value, "best_so_far": best})
+    return Table(name="history", title=f"Optimisation history ({exp.metric})",
+                 frame=pd.DataFrame(rows, columns=["order", "trial_id", "status", "value", "best_so_far"]),
+                 note="stopped trials show their last intermediate value and never count as the best")
+
+
+def stopped_table(exp: ExperimentResult, trials: Table | None = None) -> Table:
+    """Trials stopped early by the scheduler: where they stopped, their last value, their values."""
+    trials = trials_table(exp) if trials is None else trials
+    f = trials.frame
+    params = [c for c in f.columns if "." in c]
+    frame = f.loc[f["status"] == "pruned", ["trial_id", "last_step", "last_value", *params]].reset_index(drop=True)
+    fid = (exp.info.get("space") or {}).get("fidelity") or {}
+    note = (f"ASHA on {fid.get('time_attr')}: max_t {fid.get('max_t')}, grace period {fid.get('grace_period')}, "
+            f"reduction factor {fid.get('reduction_factor')}" if fid else "the space has no fidelity: no early stopping")
+    return Table(name="stopped", title=f"Trials stopped early ({len(frame)} of {len(f)})", frame=frame, note=note)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter importances
+# --------------------------------------------------------------------------------------------------
+
+
+def load_study(exp: ExperimentResult) -> Any:
+    """The experiment's Optuna study, or None when it has none.
+
+    The storage URL recorded in ``experiment.json`` is tried with the file looked up in the
+    experiment folder first, so a moved folder still finds its study.
+    """
+    import optuna
+
+    study = exp.info.get("study") or {}
+    url, name = study.get("storage"), study.get("name")
+    if not url or not name:
+        return None
+    candidates = []
+    if url.startswith("sqlite:///"):
+        local = exp.path / Path(url[len("sqlite:///"):]).name
+        if local.is_file():
+            candidates.append(f"sqlite:///{local}")
+        elif not Path(url[len("sqlite:///"):]).is_file():
+            return None
+    candidates.append(url)
+    for candidate in candidates:
+        try:
+            return optuna.load_study(study_name=name, storage=candidate)
+        except KeyError:
+            continue
+    return None
+
+
+def _fanova_available() -> bool:
+    """Optuna's fANOVA evaluator fits its forest with scikit-learn."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def importance_table(exp: ExperimentResult, study: Any = None) -> Table:
+    """fANOVA parameter importances (``optuna.importance.FanovaImportanceEvaluator``) of the searched
+    parameters over the completed trials of the study, normalised to sum to 1.
+
+    Falls back, saying so in the note: to an empty table when there is no study or fewer completed
+    trials than ``max(MIN_FANOVA_TRIALS, parameters + 1)``; to Optuna's PED-ANOVA evaluator (Watanabe
+    et al., IJCAI 2023; numpy only) when scikit-learn, which fANOVA needs, is not installed.
+    """
+    import optuna
+    from optuna.importance import (
+        FanovaImportanceEvaluator,
+        PedAnovaImportanceEvaluator,
+        get_param_importances,
+    )
+
+    study = load_study(exp) if study is None else study
+    cols = ["param", "importance"]
+    if study is None:
+        return Table(name="importances", title="Parameter importances", frame=pd.DataFrame(columns=cols),
+                     note="not computed: the experiment has no Optuna study")
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    names = sorted({k for t in completed for k in t.params})
+    need = max(MIN_FANOVA_TRIALS, len(names) + 1)
+    if len(completed) < need:
+        return Table(name="importances", title="Parameter importances", frame=pd.DataFrame(columns=cols),
+                     note=f"not computed: fANOVA needs at least {need} completed trials for {len(names)} "
+                          f"parameter(s), the study has {len(completed)}; see the slices instead")
+    if _fanova_available():
+        evaluator: Any = FanovaImportanceEvaluator(n_trees=FANOVA_TREES, seed=FANOVA_SEED)
+        method = "fANOVA"
+        how = f"fANOVA over {len(completed)} completed trials ({FANOVA_TREES} trees, seed {FANOVA_SEED})"
+    else:
+        evaluator, method = PedAnovaImportanceEvaluator(), "PED-ANOVA"
+        how = (f"PED-ANOVA over {len(completed)} completed trials, because fANOVA needs scikit-learn, which is "
+               "not installed (pip install scikit-learn)")
+    values = get_param_importances(study, evaluator=evaluator)
+    frame = pd.DataFrame([{"param": k, "importance": float(v)} for k, v in values.items()], columns=cols)
+    frame = frame.sort_values("importance", ascending=False).reset_index(drop=True)
+    return Table(name="importances", title=f"Parameter importances ({method})", frame=frame,
+                 note=f"{how}; share of the objective's variation each parameter explains on its own")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-class IoU
+# --------------------------------------------------------------------------------------------------
+
+
+def per_class_table(exp: ExperimentResult) -> Table:
+    """Per-class IoU (%) of the best config against the reference config, for every stage that
+    reports ``<stage>_iou/<class>``.
+
+    Columns: ``stage`` (metric prefix), ``class``, ``reference``, ``best``, ``delta``.
+    """
+    rows = []
+    ref = exp.reference.metrics if exp.reference else {}
+    best = exp.best.metrics if exp.best else {}
+    for label, prefix in STAGE_PREFIXES:
+        key = f"{prefix}_iou/"
+        classes = list(dict.fromkeys(k[len(key):] for m in (ref, best) for k in m if k.startswith(key)))
+        for cls in classes:
+            r, b = _finite(ref.get(key + cls)), _finite(best.get(key + cls))
+            rows.append({"stage": label, "class": cls, "reference": r, "best": b,
+                         "delta": b - r if b is not None and r is not None else None})
+    return Table(name="per_class", title="Per-class IoU (%): best config vs reference config",
+                 frame=pd.DataFrame(rows, columns=["stage", "class", "reference", "best", "delta"]),
+                 note="IoU over the whole evaluation split of each stage (both halves)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Compute
+# --------------------------------------------------------------------------------------------------
+
+
+def stage_infos(exp: ExperimentResult) -> dict[str, dict[str, dict[str, Any]]]:
+    """``trial_id -> metrics.json["stages"]`` of every trial that wrote one (completed runs)."""
+    out = {}
+    for t in exp.trials:
+        path = Path(t.run_dir) / "metrics.json" if t.run_dir else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            stages = json.loads(path.read_text()).get("stages") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        out[t.trial_id] = stages
+    return out
+
+
+def artifact_build_seconds(info: Mapping[str, Any]) -> float | None:
+    """The build time of the artifact a ``metrics.json`` stage record points at: the record's
+    ``build_seconds``, else its manifest's (the same for a build and for a cache hit)."""
+    value = _finite(info.get("build_seconds"))
+    if value is not None:
+        return value
+    path = info.get("path")
+    manifest = Path(path) / _MANIFEST if path else None
+    if manifest is not None and manifest.is_file():
+        try:
+            return _finite(json.loads(manifest.read_text()).get("build_seconds"))
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> Table:
+    """Compute spent per stage artifact, and what the cache saved.
+
+    From every finished trial's ``metrics.json`` ``stages`` records: ``built`` (builds, i.e. cache
+    misses), ``hits``, ``hours`` (sum of the build time of the builds), ``saved_hours`` (sum of the
+    build time of the artifacts served from the cache: the work a hit did not repeat). A last row
+    adds the run time of the trials that wrote no record (stopped early, failed): their partial and
+    full builds are not itemised. Hours are GPU-hours (wall hours x ``gpus_per_trial``) when trials had
+    GPUs, else CPU core-hours (wall hours x ``cpus_per_trial``).
+    """
+    infos = stage_infos(exp) if infos is None else infos
+    resources = exp.info.get("resources") or {}
+    gpus = _finite(resources.get("gpus_per_trial")) or 0.0
+    cpus = _finite(resources.get("cpus_per_trial")) or 1.0
+    unit = "GPU-hours" if gpus > 0 else "CPU-hours"
+    scale = gpus if gpus > 0 else cpus
+    agg: dict[str, dict[str, Any]] = {}
+    unknown = 0
+    for stages in infos.values():
+        for name, info in stages.items():
+            a = agg.setdefault(name, {"built": 0, "hits": 0, "seconds": 0.0, "saved": 0.0})
+            seconds = artifact_build_seconds(info)
+            if seconds is None:
+                unknown += 1
+                seconds = 0.0 if info.get("hit") else (_finite(info.get("seconds")) or 0.0)
+            if info.get("hit"):
+                a["hits"] += 1
+                a["saved"] += seconds
+            else:
+                a["built"] += 1
+                a["seconds"] += seconds
+    order = [n for n in ARTIFACT_ORDER if n in agg] + sorted(n for n in agg if n not in ARTIFACT_ORDER)
+    rows = [{"stage": n, "built": agg[n]["built"], "hits": agg[n]["hits"], "hours": agg[n]["seconds"] * scale / _HOUR,
+             "saved_hours": agg[n]["saved"] * scale / _HOUR} for n in order]
+    rest = [t for t in exp.trials if t.trial_id not in infos]
+    rest_s = sum(t.seconds or 0.0 for t in rest)
+    if rest:
+        rows.append({"stage": "unrecorded trials", "built": None, "hits": None, "hours": rest_s * scale / _HOUR,
+                     "saved_hours": None})
+    rows.append({"stage": "total", "built": sum(a["built"] for a in agg.values()),
+                 "hits": sum(a["hits"] for a in agg.values()),
+                 "hours": sum(r["hours"] or 0.0 for r in rows), "saved_hours": sum(a["saved"] for a in agg.values())
+                 * scale / _HOUR})
+    per = f"{gpus:g} GPU" if gpus > 0 else f"{cpus:g} CPU core(s)"
+    note = [f"{unit}: wall hours of each artifact's build x {per} per trial; saved = the same work skipped by "
+            "every cache hit"]
+    if rest:
+        note.append(f"{len(rest)} trial(s) stopped early, failed or unfinished wrote no stage record: their "
+                    "run time is the 'unrecorded trials' row")
+    if unknown:
+        note.append(f"{unknown} record(s) had no build time; their wall seconds were used")
+    return Table(name="compute", title=f"Compute spent ({unit})",
+                 frame=pd.DataFrame(rows, columns=["stage", "built", "hits", "hours", "saved_hours"]),
+                 note="; ".join(note))
+
+
+# --------------------------------------------------------------------------------------------------
+# All of them
+# --------------------------------------------------------------------------------------------------
+
+
+def experiment_tables(exp: ExperimentResult, *, study: Any = None) -> dict[str, Table]:
+    """Every table of the report, by name, each computed once (reports are read once)."""
+    curves = curves_table(exp)
+    trials = trials_table(exp, curves)
+    tables = [stage_table(exp), trials, history_table(exp, trials), importance_table(exp, study), curves,
+              stopped_table(exp, trials), per_class_table(exp), compute_table(exp)]
+    return {t.name: t for t in tables}

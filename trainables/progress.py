@@ -1,0 +1,130 @@
+"""A live table of a sweep's trials (rich), as a Ray Tune callback.
+
+One row per trial: status, the stage it is in, its own step there, the pipeline-wide fidelity, the
+last value of the searched metric and the searched parameters; the best finished trial is marked.
+The table redraws at most every :data:`REFRESH_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ray.tune import Callback
+
+from .reporter import FINAL_KEY, STAGE_STEP_KEY
+
+__all__ = ["REFRESH_SECONDS", "TrialTable"]
+
+#: Seconds between redraws of the table.
+REFRESH_SECONDS = 1.0
+#: Rows shown: the newest trials (a terminal holds only so many lines).
+_MAX_ROWS = 40
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+class TrialTable(Callback):
+    """Ray Tune callback drawing a rich live table of the trials.
+
+    Args:
+        metric: The searched metric. mode: ``max`` or ``min``.
+        params: Searched parameter paths (columns).
+        title: Table title (the experiment name).
+    """
+
+    def __init__(self, *, metric: str, mode: str, params: Sequence[str], title: str) -> None:
+        self.metric, self.mode, self.params, self.title = metric, mode, list(params), title
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._live: Any = None
+        self._last_draw = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; the live display stays behind.
+        state = dict(self.__dict__)
+        state["_live"] = None
+        return state
+
+    # -- Tune hooks --------------------------------------------------------------------------------
+
+    def setup(self, **info: Any) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._live = Live(self._table(), console=Console(stderr=True), auto_refresh=False, transient=False)
+        self._live.start()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial)["status"] = "RUNNING"
+        self._draw()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        row = self._row(trial)
+        row["status"] = "RUNNING"
+        for key in ("stage", STAGE_STEP_KEY, "fidelity"):
+            if key in result:
+                row[key] = result[key]
+        if self.metric in result:
+            row["metric"] = result[self.metric]
+        if result.get(FINAL_KEY):
+            row["final"] = True
+        self._draw()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._row(trial)
+        row["status"] = "done" if row.get("final") else "pruned"
+        self._draw(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial)["status"] = "FAILED"
+        self._draw(force=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._draw(force=True)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    # -- drawing -----------------------------------------------------------------------------------
+
+    def _row(self, trial: Any) -> dict[str, Any]:
+        row = self._rows.setdefault(trial.trial_id, {"status": "PENDING"})
+        row.setdefault("config", {p: trial.config.get(p) for p in self.params})
+        return row
+
+    def _best(self) -> str | None:
+        done = [(tid, r["metric"]) for tid, r in self._rows.items()
+                if r.get("final") and isinstance(r.get("metric"), int | float) and math.isfinite(r["metric"])]
+        if not done:
+            return None
+        pick = max if self.mode == "max" else min
+        return pick(done, key=lambda item: item[1])[0]
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=self.title, show_lines=False)
+        for col in ("trial", "status", "stage", "stage step", "fidelity", self.metric,
+                    *(p.rsplit(".", 1)[-1] for p in self.params)):
+            table.add_column(col, no_wrap=col == "trial", overflow="fold")
+        best = self._best()
+        rows = list(self._rows.items())[-_MAX_ROWS:]
+        for tid, r in rows:
+            mark = " *" if tid == best else ""
+            table.add_row(tid + mark, r.get("status", ""), _fmt(r.get("stage")), _fmt(r.get(STAGE_STEP_KEY)),
+                          _fmt(r.get("fidelity")), _fmt(r.get("metric")),
+                          *(_fmt(r["config"].get(p)) for p in self.params))
+        return table
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._live is None or (not force and now - self._last_draw < REFRESH_SECONDS):
+            return
+        self._last_draw = now
+        self._live.update(self._table(), refresh=True)

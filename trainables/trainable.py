@@ -1,0 +1,249 @@
+"""Ray Tune function trainables: flat config dict -> pipeline config -> ``run_pipeline`` -> ``tune.report``.
+
+A trial's config is flat: searched config fields by their dotted path (``{"eps.tau": 0.3, ...}``)
+plus one fixed entry, :data:`SETTINGS_KEY`, holding a :class:`TrialSettings` dict (the base config,
+the stages, the artifact store, where run folders go, ...). A trainable applies the searched values
+to the base config with :func:`~wsss_tune.config.apply_overrides`, runs
+:func:`~wsss_tune.stages.pipeline.run_pipeline` with a :class:`~trainables.reporter.TuneReporter` and
+an :class:`~wsss_tune.artifacts.ArtifactStore` on the shared store, and ends with a result holding
+every metric of the run plus ``final: True``.
+
+All paths are absolute: Ray runs a trial in its own working directory. A trial's run folder
+(``<runs_dir>/<trial id>``, with its resolved ``config.yaml`` and ``metrics.json``) has the same
+path when Tune restores the trial, and training resumes from the artifact store's work folders,
+which are keyed by the config (a restored trial finds them); Tune checkpoints put a work folder
+back where the store keeps it per host (:func:`~trainables.reporter.restore_work_checkpoint`).
+
+One trainable per stage (``eps``; ``affinity``, which includes the random walk; ``deeplab``) and one
+for the whole pipeline; upstream stages a stage needs come from the artifact cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsss_tune.config import ConfigError, PipelineConfig, apply_overrides, from_dict
+from wsss_tune.stages.pipeline import parse_stages
+
+__all__ = [
+    "SETTINGS_KEY",
+    "TrialSettings",
+    "split_trial_config",
+    "trial_pipeline_config",
+    "run_trial",
+    "eps_trainable",
+    "affinity_trainable",
+    "deeplab_trainable",
+    "pipeline_trainable",
+    "TRAINABLES",
+    "trainable_for",
+    "trial_dirname",
+]
+
+#: The one fixed entry of a trial config; every other entry is a searched config field.
+SETTINGS_KEY = "wsss_tune"
+#: Stages each per-stage trainable runs (upstream artifacts it needs come from the cache).
+_STAGE_TRAINABLE_STAGES: dict[str, tuple[str, ...]] = {
+    "eps": ("eps",),
+    "affinity": ("eps", "affinity"),
+    "deeplab": ("deeplab",),
+}
+#: Folder of a run's short-lived Tune checkpoint packages, inside its run folder.
+_STAGING = ".tune_checkpoints"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSettings:
+    """Everything a trial needs besides the searched values (JSON-plain, stored in the trial config).
+
+    Attributes:
+        base: The base pipeline config as a nested dict (``to_dict``), overrides of the space applied.
+        stages: Pipeline stages the trial runs.
+        runs_dir: Absolute folder; a trial writes its run folder ``<runs_dir>/<trial id>``.
+        store: Artifact store URI shared by the trials; empty = a private store per trial (no cache).
+        metric: The searched metric (the final result must carry it).
+        time_attr: Result key ASHA reads as training time; None without early stopping.
+        final_t: Value of ``time_attr`` in the final result (the budget a finished run had), or None.
+        threads: torch CPU threads per trial (the trial's CPUs); 0 = leave torch's default.
+        tune_checkpoints: Attach training checkpoints to Tune results.
+    """
+
+    base: Mapping[str, Any]
+    stages: tuple[str, ...]
+    runs_dir: str
+    store: str = ""
+    metric: str
+    time_attr: str | None = None
+    final_t: int | None = None
+    threads: int = 0
+    tune_checkpoints: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", parse_stages(list(self.stages)))
+        if not Path(self.runs_dir).is_absolute():
+            raise ValueError(f"trial settings runs_dir {self.runs_dir!r}: expected an absolute path "
+                             "(Ray runs each trial in its own working directory)")
+        if self.store and "://" not in self.store and not Path(self.store).is_absolute():
+            raise ValueError(f"trial settings store {self.store!r}: expected an absolute path or a URI")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["base"], d["stages"] = dict(self.base), list(self.stages)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"trial config {SETTINGS_KEY!r}: unknown key(s) {unknown}; known: {sorted(names)}")
+        return cls(**{**data, "stages": tuple(data.get("stages", ()))})
+
+
+def split_trial_config(config: Mapping[str, Any]) -> tuple[TrialSettings, dict[str, Any]]:
+    """A trial config -> (its settings, the searched values by config path)."""
+    if SETTINGS_KEY not in config:
+        raise ValueError(f"trial config has no {SETTINGS_KEY!r} entry (keys: {sorted(config)}); build it "
+                         "with trainables.sweep (or pass TrialSettings(...).to_dict() under that key)")
+    settings = TrialSettings.from_dict(config[SETTINGS_KEY])
+    return settings, {k: v for k, v in config.items() if k != SETTINGS_KEY}
+
+
+def trial_pipeline_config(settings: TrialSettings, params: Mapping[str, Any], *, store: str) -> PipelineConfig:
+    """Base config + searched values, with ``run.artifact_store`` set to the store the trial uses
+    (recorded in the run's ``config.yaml``; it takes no part in artifact keys)."""
+    cfg = from_dict(settings.base, source=f"trial config {SETTINGS_KEY}.base")
+    try:
+        return apply_overrides(cfg, {**params, "run.artifact_store": store})
+    except ConfigError as exc:
+        raise ConfigError(f"trial config: {exc}") from None
+
+
+def _metrics_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat per-stage bookkeeping of a pipeline run: built (1) or served from the cache (0), seconds."""
+    out: dict[str, Any] = {}
+    stages = result.get("stages") or {}
+    built = 0
+    seconds = 0.0
+    for name, info in stages.items():
+        hit = bool(info.get("hit"))
+        out[f"built/{name}"] = 0 if hit else 1
+        out[f"seconds/{name}"] = float(info.get("seconds") or 0.0)
+        built += 0 if hit else 1
+        seconds += float(info.get("seconds") or 0.0)
+    out["stages_built"] = built
+    out["stages_cached"] = len(stages) - built
+    out["stage_seconds"] = round(seconds, 3)
+    return out
+
+
+def run_trial(
+    config: Mapping[str, Any],
+    *,
+    stages: Sequence[str] | None = None,
+    trial_id: str,
+    report_fn: Callable[..., None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run one trial: the body of every trainable, callable without Ray (``report_fn``).
+
+    Args:
+        config: The flat trial config (searched values + :data:`SETTINGS_KEY`).
+        stages: Stages to run (default: the settings' stages).
+        trial_id: Names the run folder ``<runs_dir>/<trial_id>``.
+        report_fn: Receives each result (default ``ray.tune.report``).
+        checkpoint_dir: A restored Tune checkpoint to put back into the store's work folder first.
+
+    Returns:
+        The final result (all metrics, ``final: True``).
+
+    Raises:
+        wsss_tune.reporting.DivergedError: training diverged (the trial fails; Optuna records it as failed).
+    """
+    from wsss_tune.artifacts import ArtifactStore
+    from wsss_tune.stages.pipeline import run_pipeline
+
+    from .reporter import TuneReporter, restore_work_checkpoint
+
+    settings, params = split_trial_config(config)
+    run_dir = Path(settings.runs_dir) / trial_id
+    store_uri = settings.store or str(run_dir / "artifacts")
+    cfg = trial_pipeline_config(settings, params, store=store_uri)
+    store = ArtifactStore(uri=store_uri)
+    if checkpoint_dir is not None:
+        restore_work_checkpoint(checkpoint_dir, store)
+    if settings.threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    reporter = TuneReporter(report_fn=report_fn, staging_dir=run_dir / _STAGING, checkpoints=settings.tune_checkpoints)
+    result = run_pipeline(cfg, stages=stages or settings.stages, out_dir=run_dir, reporter=reporter, store=store)
+    extra = _metrics_summary(result)
+    if settings.time_attr is not None and settings.final_t is not None:
+        last = reporter.latest.get(settings.time_attr)
+        last_t = last if isinstance(last, int | float) and not isinstance(last, bool) else 0
+        extra[settings.time_attr] = max(int(settings.final_t), int(last_t))
+    metrics = {k: v for k, v in result.items() if k not in ("stages",)}
+    if settings.metric not in metrics:
+        raise RuntimeError(f"the pipeline run in {run_dir} did not produce the searched metric {settings.metric!r} "
+                           f"(stages {list(stages or settings.stages)}; metrics: {sorted(metrics)})")
+    return reporter.report_final(metrics, **extra)
+
+
+def _tune_trial(config: dict[str, Any], stages: Sequence[str] | None) -> None:
+    from ray import tune
+
+    ctx = tune.get_context()
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), checkpoint_dir=folder)
+    else:
+        run_trial(config, stages=stages, trial_id=ctx.get_trial_id())
+
+
+def eps_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: the EPS stage (train, CAMs, pseudo masks, ``eps_miou_*``)."""
+    _tune_trial(config, _STAGE_TRAINABLE_STAGES["eps"])
+
+
+def affinity_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: AffinityNet and the random walk (``rw_miou_*``); EPS from the cache."""
+    _tune_trial(config, _STAGE_TRAINABLE_STAGES["affinity"])
+
+
+def deeplab_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: DeepLab on its mask source (``deeplab_miou_*``); upstream from the cache."""
+    _tune_trial(config, _STAGE_TRAINABLE_STAGES["deeplab"])
+
+
+def pipeline_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: the stages named in the trial settings (default all three)."""
+    _tune_trial(config, None)
+
+
+#: Trainables by name.
+TRAINABLES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "eps": eps_trainable,
+    "affinity": affinity_trainable,
+    "deeplab": deeplab_trainable,
+    "pipeline": pipeline_trainable,
+}
+
+
+def trainable_for(stages: Sequence[str]) -> tuple[str, Callable[[dict[str, Any]], None]]:
+    """The trainable whose stages are exactly ``stages`` (``pipeline`` for any other set)."""
+    wanted = parse_stages(list(stages))
+    for name, own in _STAGE_TRAINABLE_STAGES.items():
+        if wanted == own:
+            return name, TRAINABLES[name]
+    return "pipeline", TRAINABLES["pipeline"]
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Ray's default puts every searched value into the name)."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
