@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,9 @@ def test_divergence_is_detected_at_once(synth_root, tmp_path):
     raises DivergedError long before the first log step (50), and no model is written."""
     cfg = tiny_cfg(synth_root, eps__iterations=100, eps__log_every=50, eps__checkpoint_every=50,
                    eps__optimizer="sgd", eps__momentum=0.9, eps__lr=1e6)
-    with pytest.raises(DivergedError, match=r"eps/loss became .* at step (\d)\b"):
+    with pytest.raises(DivergedError, match=r"eps/loss became (nan|inf|-inf) at step") as info:
         train_eps(cfg, out_dir=tmp_path / "eps", reporter=RecordingReporter())
+    assert 1 < int(re.search(r"at step (\d+)", str(info.value)).group(1)) < cfg.eps.log_every
     assert not (tmp_path / "eps" / "model.pt").exists()
 
 
@@ -301,11 +303,21 @@ def test_run_eps_scores_masks_and_reuses_a_trained_model(synth_root, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def one_thread():
+    """Run on one intra-op thread: on a shared 2-core runner two spinning threads per process cost far
+    more than they gain (the result changes only in float rounding)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_eps_pseudo_masks_beat_cam_pseudo_masks(tmp_path_factory):
+def test_eps_pseudo_masks_beat_cam_pseudo_masks(tmp_path_factory, one_thread):
     """The default synth EPS run against the CAM-only baseline on the default synthetic dataset
-    (co-occurrence 0.4). DESIGN.md §4 saw ~66 vs ~27 mIoU; we require a gap of 20 points and EPS
-    above 50, and every EPS class overlap above tau (no class filed under background)."""
+    (co-occurrence 0.4). DESIGN.md §4 saw ~66 vs ~27 mIoU; this setting gives ~75 vs ~46. We require
+    EPS above 60, a gap of 20 points, and no EPS class with the failure signature (overlap < 0.1)."""
     root = generate_synthetic_voc(tmp_path_factory.mktemp("synth") / "voc", seed=0)
     results = {}
     for method in ("eps", "cam"):
@@ -314,7 +326,8 @@ def test_eps_pseudo_masks_beat_cam_pseudo_masks(tmp_path_factory):
         results[method] = run_eps(cfg, out_dir=tmp_path_factory.mktemp(method), reporter=RecordingReporter())
         print(f"{method}: eps_miou {results[method].metrics['eps_miou']:.1f} in {time.time() - t0:.0f}s")
     eps, cam = results["eps"].metrics, results["cam"].metrics
-    assert eps["eps_miou"] > 50.0
+    assert eps["eps_miou"] > 60.0
     assert eps["eps_miou"] > cam["eps_miou"] + 20.0
     overlaps = {k: v for k, v in eps.items() if k.startswith("eps/overlap/")}
-    assert overlaps and min(overlaps.values()) > cfg.eps.tau
+    assert len(overlaps) == 5 and min(overlaps.values()) > 0.1
+    assert cam["eps_method"] == "cam" and not any(k.startswith("eps/overlap/") for k in cam)

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,9 @@ def train_eps(
     dataset = _SeededItems(ClassificationDataset(layout, layout.split_ids(cfg.data.train_split),
                                                  transform=transform, with_saliency=use_saliency))
     eval_ids = eval_subset_ids(layout, cfg) if e.eval_every > 0 else []
+    if e.eval_every > 0 and e.eval_images > 0 and not eval_ids:
+        warnings.warn(f"eps.eval_every = {e.eval_every} but the tuning half of data.mask_eval_split "
+                      f"{cfg.data.mask_eval_split!r} is empty: no periodic eps_miou_tune", stacklevel=2)
 
     seed_everything(cfg.run.seed)
     model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained=e.pretrained)
