@@ -6,7 +6,7 @@ Markdown, which is what ``wsss-tune compare EXP_A EXP_B`` prints (and writes wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ def _best_fields(exp: ExperimentResult) -> dict[str, Any] | None:
     return flatten_config(to_dict(best_config(exp)))
 
 
-def config_diff(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, *, searched: set[str] = frozenset()) -> pd.DataFrame:
+def config_diff(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, *, searched: Collection[str] = ()) -> pd.DataFrame:
     """Rows ``field, a, b, searched`` for every flat config field whose value differs (a missing config
     counts as differing everywhere the other has a value)."""
     a, b = a or {}, b or {}

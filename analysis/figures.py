@@ -174,7 +174,7 @@ def plot_slices(trials: Table, *, params: Mapping[str, Mapping[str, Any]], metri
         ax.set_xlabel(name)
         if k % cols == 0:
             ax.set_ylabel(metric)
-        if k == 0:
+        if k == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle("Slices: each searched parameter against the metric")
     return fig
@@ -226,8 +226,8 @@ def plot_parallel(trials: Table, *, params: Mapping[str, Mapping[str, Any]], met
             ax.plot(xs, row, color=colors(t), alpha=0.9, lw=1.5)
         else:
             ax.plot(xs, row, color="tab:gray", ls="--", alpha=0.6, lw=1)
-    for x in xs:
-        ax.axvline(x, color="black", lw=0.6)
+    for axis in range(data.shape[1]):
+        ax.axvline(axis, color="black", lw=0.6)
     ax.set_xticks(xs, [*names, metric], rotation=15, fontsize=8)
     ax.set_yticks([0, 1], ["low", "high"])
     fig.colorbar(ScalarMappable(norm=Normalize(vlo, vhi), cmap=colors), ax=ax, label=metric)
@@ -246,8 +246,9 @@ def plot_curves(curves: Table, *, attr: str, metric: str, rungs: Sequence[float]
     for trial_id, sub in f.groupby("trial_id", sort=False):
         sub = sub.sort_values("step")
         status = sub["status"].iloc[0]
-        style = {"ls": "-", "color": "tab:blue"} if status == "completed" else {"ls": "--", "color": "tab:orange"}
-        ax.plot(sub["step"], sub["value"], marker=".", alpha=0.8, **style)
+        done = status == "completed"
+        ax.plot(sub["step"], sub["value"], marker=".", alpha=0.8, ls="-" if done else "--",
+                color="tab:blue" if done else "tab:orange")
         if status == "pruned":
             ax.annotate(str(trial_id), (sub["step"].iloc[-1], sub["value"].iloc[-1]), fontsize=6)
     for r in rungs:
@@ -275,7 +276,7 @@ def plot_per_class(table: Table) -> Figure:
         ax.invert_yaxis()
         ax.set_xlabel("IoU (%)")
         ax.set_title(stage, fontsize=9)
-        if k == 0:
+        if k == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(table.title)
     return fig
@@ -349,7 +350,7 @@ def _cam_heat(image: np.ndarray, cam_file: Path) -> np.ndarray:
     if heat.shape != image.shape[:2]:
         from PIL import Image
 
-        heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(image.shape[1::-1], Image.BILINEAR))
+        heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(image.shape[1::-1], Image.Resampling.BILINEAR))
     rgb = matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
     return ((1 - _CAM_ALPHA) * image + _CAM_ALPHA * rgb).astype(np.uint8)
 

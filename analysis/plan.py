@@ -336,7 +336,7 @@ def estimate_cost(
     asha_artifact = _ASHA_ARTIFACT.get(metric_stage) if (fidelity is not None and metric_stage) else None
     if asha_artifact not in chain:
         asha_artifact = None
-    work, complete = asha_fractions(fidelity) if asha_artifact else (1.0, 1.0)
+    work, complete = asha_fractions(fidelity) if asha_artifact and fidelity is not None else (1.0, 1.0)
 
     keyed: dict[str, list[Param]] = {a: [] for a in ARTIFACTS}
     for p in space.params:
@@ -473,6 +473,7 @@ def time_stages(
     from wsss_tune.ops.random_walk import random_walk
     from wsss_tune.ops.seg_loss import msc_loss
     from wsss_tune.stages.common import build_optimizer
+    from wsss_tune.stages.deeplab import CHANNELS_LAST as DEEPLAB_CHANNELS_LAST
     from wsss_tune.stages.deeplab import build_deeplab_optimizer
     from wsss_tune.utils.runtime import autocast, resolve_device, seed_everything
 
@@ -484,14 +485,22 @@ def time_stages(
     c = num_classes
     timed = {"steps": steps, "warmup": warmup, "device": device}
 
-    def images(batch: int, crop: int) -> torch.Tensor:
-        return torch.randn(batch, 3, crop, crop, device=device)
+    def channels_last(on: bool) -> bool:
+        # The stage runners switch CUDA models and inputs to channels_last when their flag is set.
+        return on and device.type == "cuda"
+
+    def images(batch: int, crop: int, last: bool = False) -> torch.Tensor:
+        x = torch.randn(batch, 3, crop, crop, device=device)
+        return x.contiguous(memory_format=torch.channels_last) if last else x
 
     def time_eps() -> tuple[float, float]:
+        last = channels_last(e.channels_last)
         eps_net = build_eps_net(backbone=e.backbone, num_classes=c).to(device)
+        if last:
+            eps_net = eps_net.to(memory_format=torch.channels_last)
         opt = build_optimizer(eps_net.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer, lr=e.lr,
                               momentum=e.momentum, weight_decay=e.weight_decay)
-        x = images(e.batch_size, e.crop_size)
+        x = images(e.batch_size, e.crop_size, last)
         labels = (torch.rand(e.batch_size, c, device=device) < 0.3).float()
         saliency = torch.rand(e.batch_size, 1, e.crop_size, e.crop_size, device=device)
 
@@ -509,7 +518,7 @@ def time_stages(
         eps_net.train()
         eps_step_s = _timed(eps_step, **timed)
         eps_net.eval()
-        one = images(1, e.crop_size)
+        one = images(1, e.crop_size, last)
 
         def eps_forward() -> None:
             with torch.no_grad(), autocast(device, e.amp):
@@ -557,10 +566,13 @@ def time_stages(
         return aff_step_s, aff_forward_s, rw_s
 
     def time_deeplab() -> tuple[float, float]:
+        last = channels_last(DEEPLAB_CHANNELS_LAST)
         dl = build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=c + 1, msc=d.msc, freeze_bn=d.freeze_bn)
         dl = dl.to(device)
+        if last:
+            dl = dl.to(memory_format=torch.channels_last)
         opt = build_deeplab_optimizer(dl, d)
-        x = images(d.batch_size, d.crop_size)
+        x = images(d.batch_size, d.crop_size, last)
         target = torch.randint(0, c + 1, (d.batch_size, d.crop_size, d.crop_size), device=device)
 
         def dl_step() -> None:
@@ -575,7 +587,7 @@ def time_stages(
         dl.train()
         dl_step_s = _timed(dl_step, **timed)
         dl.eval()
-        one = images(1, d.crop_size)
+        one = images(1, d.crop_size, last)
 
         def dl_forward() -> None:
             with torch.no_grad(), autocast(device, d.amp):

@@ -59,6 +59,7 @@ _SECTIONS: tuple[tuple[str | None, str | None, str], ...] = (
     (None, "parallel", "Parallel coordinates"),
     ("stopped", "curves", "Trials stopped early"),
     ("per_class", "per_class", "Per-class IoU"),
+    ("overlap", None, "EPS overlap ratio per class"),
     (None, "qualitative", "Qualitative results"),
     ("compute", "compute", "Compute spent"),
     ("trials", None, "All trials"),

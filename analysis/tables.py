@@ -17,6 +17,7 @@ plot and a table come from one computation.
 ``curves``         the metric at each reported fidelity step of every trial
 ``stopped``        the trials stopped early: where, with which value and values
 ``per_class``      per-class IoU of the best config against the reference config
+``overlap``        EPS's per-class overlap ratio of both configs (the diagnostic of a failed class)
 ``compute``        device-hours per stage artifact: built, served from the cache, hours saved
 =================  ==========================================================================
 """
@@ -39,7 +40,9 @@ __all__ = [
     "Table",
     "cam_baseline",
     "stage_table",
+    "trial_order",
     "trials_table",
+    "overlap_table",
     "history_table",
     "load_study",
     "importance_table",
@@ -71,6 +74,9 @@ FANOVA_SEED = 0
 ARTIFACT_ORDER = ("eps_model", "eps", "affinity", "rw", "deeplab")
 #: The artifact store's manifest (holds ``build_seconds``) inside each artifact folder.
 _MANIFEST = "MANIFEST.json"
+#: Optuna user attribute holding a study trial's Ray trial id: the name
+#: ``wsss_tune.trainables.search.RAY_TRIAL_ATTR`` writes (not imported: that module imports Ray).
+RAY_TRIAL_ATTR = "ray_trial_id"
 #: Result key counting a trial's reports when the space has no fidelity (Ray Tune's).
 _TRAINING_ITERATION = "training_iteration"
 _HOUR = 3600.0
@@ -230,8 +236,28 @@ def curves_table(exp: ExperimentResult, reports: pd.DataFrame | None = None) -> 
                  note=f"intermediate values as the scheduler saw them (x = {attr})")
 
 
-def trials_table(exp: ExperimentResult, curves: Table | None = None) -> Table:
-    """One row per trial, in creation order.
+def trial_order(exp: ExperimentResult, study: Any = None, reports: pd.DataFrame | None = None) -> list[str]:
+    """Trial ids in the order the search created them.
+
+    Ray's trial ids are random, so their order says nothing. The order is the Optuna trial number
+    (each study trial records its Ray trial id), then, for trials the study does not know, the time
+    of their first report, then the order of the results file.
+    """
+    number: dict[str, int] = {}
+    if study is not None:
+        for t in study.get_trials(deepcopy=False):
+            rid = t.user_attrs.get(RAY_TRIAL_ATTR)
+            if rid is not None:
+                number.setdefault(str(rid), t.number)
+    first: dict[str, float] = {}
+    if reports is not None and "timestamp" in reports.columns and not reports.empty:
+        first = {str(k): float(v) for k, v in reports.groupby("trial_id")["timestamp"].min().items()}
+    index = {t.trial_id: i for i, t in enumerate(exp.trials)}
+    return sorted(index, key=lambda tid: (number.get(tid, math.inf), first.get(tid, math.inf), index[tid]))
+
+
+def trials_table(exp: ExperimentResult, curves: Table | None = None, order: list[str] | None = None) -> Table:
+    """One row per trial, in creation order (:func:`trial_order`; default: the results file's order).
 
     Columns: ``order`` (0-based), ``trial_id``, ``status``, ``reference``, ``best``, ``value`` (final
     metric, completed trials only), ``last_value`` and ``last_step`` (the last intermediate value and
@@ -245,7 +271,9 @@ def trials_table(exp: ExperimentResult, curves: Table | None = None) -> Table:
         params += [k for k in t.params if k not in params]
     rows = []
     best_id = exp.best.trial_id if exp.best else None
-    for i, t in enumerate(exp.trials):
+    by_id = {t.trial_id: t for t in exp.trials}
+    ids = order if order is not None else list(by_id)
+    for i, t in enumerate(by_id[tid] for tid in ids):
         row: dict[str, Any] = {
             "order": i, "trial_id": t.trial_id, "status": t.status, "reference": t.reference,
             "best": t.trial_id == best_id, "value": t.value(exp.metric) if t.status == "completed" else None,
@@ -405,6 +433,45 @@ def per_class_table(exp: ExperimentResult) -> Table:
                  note="IoU over the whole evaluation split of each stage (both halves)")
 
 
+def overlap_table(exp: ExperimentResult, reports: pd.DataFrame | None = None) -> Table:
+    """EPS's per-class overlap ratio (``eps/overlap/<class>``, the last value the EPS training logged)
+    of the reference and the best trial: about 0.8 where a class works, below 0.1 where EPS filed it
+    under background (DESIGN.md §4), the quickest diagnostic of a failed class.
+
+    Columns: ``class``, ``reference``, ``best``, ``tau`` (the threshold each config used: a class
+    below its ``tau`` counts as background).
+    """
+    reports = _reports_frame(exp) if reports is None else reports
+    key = "eps/overlap/"
+    cols = [c for c in reports.columns if c.startswith(key)]
+    values: dict[str, dict[str, float | None]] = {}
+    for label, trial in (("reference", exp.reference), ("best", exp.best)):
+        if trial is None or not cols:
+            continue
+        rows = reports[reports["trial_id"] == trial.trial_id]
+        for c in cols:
+            series = rows[c].dropna()
+            values.setdefault(c[len(key):], {})[label] = float(series.iloc[-1]) if len(series) else None
+    frame = pd.DataFrame([{"class": k, "reference": v.get("reference"), "best": v.get("best")}
+                          for k, v in values.items()], columns=["class", "reference", "best"])
+    taus = []
+    for label, trial in (("reference", exp.reference), ("best", exp.best)):
+        tau = _tau(exp, trial)
+        if tau is not None:
+            taus.append(f"{label} tau = {tau:g}")
+    return Table(name="overlap", title="EPS overlap ratio per class (last logged value)", frame=frame,
+                 note=("; ".join(taus) + "; a present class whose overlap stays below tau is learned as background")
+                 if not frame.empty else "the EPS stage logged no overlap ratios")
+
+
+def _tau(exp: ExperimentResult, trial: TrialRecord | None) -> float | None:
+    if trial is None:
+        return None
+    if "eps.tau" in trial.params:
+        return _finite(trial.params["eps.tau"])
+    return _finite(((exp.info.get("base_config") or {}).get("eps") or {}).get("tau"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Compute
 # --------------------------------------------------------------------------------------------------
@@ -503,9 +570,11 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
 
 
 def experiment_tables(exp: ExperimentResult, *, study: Any = None) -> dict[str, Table]:
-    """Every table of the report, by name, each computed once (reports are read once)."""
-    curves = curves_table(exp)
-    trials = trials_table(exp, curves)
+    """Every table of the report, by name, each computed once (reports and the study are read once)."""
+    study = load_study(exp) if study is None else study
+    reports = _reports_frame(exp)
+    curves = curves_table(exp, reports)
+    trials = trials_table(exp, curves, trial_order(exp, study, reports))
     tables = [stage_table(exp), trials, history_table(exp, trials), importance_table(exp, study), curves,
-              stopped_table(exp, trials), per_class_table(exp), compute_table(exp)]
+              stopped_table(exp, trials), per_class_table(exp), overlap_table(exp, reports), compute_table(exp)]
     return {t.name: t for t in tables}

@@ -85,8 +85,8 @@ def log_report_to_wandb(
     config = {"experiment": exp.name, "metric": exp.metric, "mode": exp.mode, "space": exp.info.get("space"),
               "best_params": dict(exp.best.params) if exp.best else None}
     try:
-        run = wandb.init(project=project, group=exp.name, name=f"{exp.name}-report", job_type="report", mode=mode,
-                         dir=folder, config=config)
+        run = wandb.init(project=project, group=exp.name, name=f"{exp.name}-report", job_type="report",
+                         mode="online" if mode == "online" else "offline", dir=folder, config=config)
     except wandb.errors.UsageError as exc:
         raise ValueError(f"W&B {mode} logging could not start ({exc}); for online logging set WANDB_API_KEY or "
                          "run `wandb login`, or log offline and upload with `wandb sync`") from None

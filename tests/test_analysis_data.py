@@ -18,7 +18,8 @@ t00004   failed     0.2   3      eps     -           -           -              
 t00005   completed  0.5   7      cam     30 / 28     35 / 33     40 / 38         232
 =======  =========  ====  =====  ======  ==========  ==========  ==============  =======
 
-t00000 is the reference point (tau 0.4, beta 8, method eps), t00001 the best. Stage records (build
+t00000 is the reference point (tau 0.4, beta 8, method eps), t00001 the best. Their EPS training
+logged the overlap ratio of class disc: 0.5 then 0.06 (reference), 0.6 then 0.81 (best). Stage records (build
 seconds; ``hit`` = served from the cache): t00000 and t00001 build everything (eps_model 100,
 eps 10, affinity 50, rw 2, deeplab 80; t00001's eps_model record has no build time, its manifest
 has 100), t00002 shares tau with the reference and hits eps_model/eps/affinity, builds rw 2 and
@@ -76,6 +77,8 @@ PER_CLASS = {
 BUILD = {"eps_model": 100.0, "eps": 10.0, "affinity": 50.0, "rw": 2.0, "deeplab": 80.0}
 #: Pruned trial t00003 reported the metric at these fidelity steps before it was stopped.
 PRUNED_REPORTS = [(200, 50.0)]
+#: EPS overlap ratio of class disc logged at EPS steps 2 and 4: {trial: (step 2, step 4)}.
+OVERLAP = {"t00000": (0.5, 0.06), "t00001": (0.6, 0.81)}
 
 
 def _stage_records(exp: Path, trial_id: str) -> dict[str, dict[str, Any]]:
@@ -141,19 +144,28 @@ def make_study(path: Path, name: str, rows: list[tuple[str, str, dict[str, Any],
 
 def make_experiment(exp: Path, synth_root: Path, *, name: str = "exp-a", gpus: float = 0.0,
                     trials: list[tuple[Any, ...]] | None = None, space: dict[str, Any] | None = None,
-                    base_overrides: dict[str, Any] | None = None) -> Path:
-    """Write the experiment of the module docstring into ``exp`` and return it."""
+                    base_overrides: dict[str, Any] | None = None, study_order: list[int] | None = None) -> Path:
+    """Write the experiment of the module docstring into ``exp`` and return it.
+
+    ``study_order``: the order (indices into ``trials``) in which the trials enter the Optuna study,
+    i.e. their creation order; reports are time-stamped in the same order (default: as listed).
+    """
     trials = TRIALS if trials is None else trials
     space = SPACE if space is None else space
     exp.mkdir(parents=True, exist_ok=True)
     cfg = load_config("synth", {"data.root": str(synth_root), **(base_overrides or {})})
     records, reports, study_rows = [], [], []
+    order = study_order if study_order is not None else list(range(len(trials)))
+    stamp = {trials[i][0]: 1000 * rank for rank, i in enumerate(order)}
     for row in trials:
         trial_id, status, tau, beta, method, _eps, _rw, dl, seconds = row
         params = {"eps.tau": tau, "rw.beta": beta, "eps.method": method}
         run_dir = exp / "runs" / trial_id
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = _metrics(row)
+        first = len(reports)
+        for step, ratio in zip((2, 4), OVERLAP.get(trial_id, ()), strict=False):
+            reports.append({"trial_id": trial_id, "stage": "eps", "stage_step": step, "eps/overlap/disc": ratio})
         if status == "completed":
             stages = _stage_records(exp, trial_id)
             (run_dir / "metrics.json").write_text(json.dumps({**metrics, "stages": stages}))
@@ -165,11 +177,13 @@ def make_experiment(exp: Path, synth_root: Path, *, name: str = "exp-a", gpus: f
         elif status == "pruned":
             for step, value in PRUNED_REPORTS:
                 reports.append({"trial_id": trial_id, "fidelity": step, "stage": "deeplab", METRIC: value})
+        for k, rep in enumerate(reports[first:]):
+            rep["timestamp"] = stamp[trial_id] + k
         records.append(TrialRecord(trial_id=trial_id, status=status, params=params, metrics=metrics,
                                    error="DivergedError: eps/loss became nan at step 3" if status == "failed" else None,
                                    run_dir=str(run_dir), reports=2, seconds=seconds))
         study_rows.append((trial_id, status, params, float(dl[0]) if dl else None))
-    make_study(exp / "optuna.db", name, study_rows)
+    make_study(exp / "optuna.db", name, [study_rows[i] for i in order])
     sweep = {"name": name, "space_name": "test", "space": space, "base_config": to_dict(cfg), "metric": METRIC,
              "mode": "max", "tune_split": space["tune_split"], "heldout_split": space["heldout_split"],
              "stages": space["stages"], "requested": len(trials),

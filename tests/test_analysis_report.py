@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 from test_analysis_data import make_experiment
-
 from wsss_tune.analysis.figures import QUALITATIVE_COLUMNS, qualitative_data
 from wsss_tune.analysis.report import compute_report, markdown_table, write_report
 from wsss_tune.analysis.results import load_experiment
@@ -127,3 +126,18 @@ def test_wandb_offline_run(report, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert deeplab[stages["columns"].index("best_heldout")] == 70.0
     with pytest.raises(ValueError, match="expected one of online, offline"):
         log_report_to_wandb(report.exp, report.tables, report.figures, "off")
+
+
+def test_report_of_an_experiment_without_results(tmp_path: Path, synth_root: Path) -> None:
+    """One failed trial and nothing else: every table is empty or says why, every figure still
+    renders (a message instead of a plot), and the summary names the failure."""
+    from test_analysis_data import TRIALS
+
+    exp = make_experiment(tmp_path / "e", synth_root, trials=[TRIALS[4]])
+    rep = compute_report(exp)
+    assert set(rep.figures) == FIGURES and rep.tables["stages"].empty
+    assert "no trial completed" in rep.tables["stages"].note
+    files = write_report(rep, tmp_path / "out")
+    assert "Failed trial t00004" in files.markdown.read_text()
+    with Image.open(files.figures["qualitative"]) as img:
+        img.load()

@@ -12,6 +12,7 @@ import pytest
 from test_analysis_data import TRIALS, make_experiment, make_study
 from wsss_tune.analysis.results import load_experiment
 from wsss_tune.analysis.tables import (
+    RAY_TRIAL_ATTR,
     cam_baseline,
     compute_table,
     curves_table,
@@ -19,9 +20,11 @@ from wsss_tune.analysis.tables import (
     history_table,
     importance_table,
     load_study,
+    overlap_table,
     per_class_table,
     stage_table,
     stopped_table,
+    trial_order,
     trials_table,
 )
 
@@ -206,4 +209,35 @@ def test_moved_experiment_still_finds_its_study(experiment: Path, tmp_path: Path
 
 def test_experiment_tables_names(experiment: Path) -> None:
     tables = experiment_tables(load_experiment(experiment))
-    assert set(tables) == {"stages", "trials", "history", "importances", "curves", "stopped", "per_class", "compute"}
+    assert set(tables) == {"stages", "trials", "history", "importances", "curves", "stopped", "per_class", "overlap",
+                           "compute"}
+
+
+def test_trial_order_follows_the_study_not_the_ids(tmp_path: Path, synth_root: Path) -> None:
+    """Ray's trial ids are random; the study numbers the trials in creation order. With the trials
+    entering the study in reverse, the trials table (and the history) lists them in reverse."""
+    exp = load_experiment(make_experiment(tmp_path / "r", synth_root, study_order=[5, 4, 3, 2, 1, 0]))
+    tables = experiment_tables(exp)
+    assert list(tables["trials"].frame["trial_id"]) == [f"t0000{i}" for i in range(5, -1, -1)]
+    h = tables["history"].frame
+    assert list(h["trial_id"]) == ["t00005", "t00003", "t00002", "t00001", "t00000"]
+    assert list(h["best_so_far"]) == [40.0, 40.0, 62.0, 72.0, 72.0]
+    # Without a study, the first report's time stamp orders them; the failed t00004 reported nothing
+    # and comes last.
+    no_study = trial_order(exp, None, exp.reports().to_pandas())
+    assert no_study == ["t00005", "t00003", "t00002", "t00001", "t00000", "t00004"]
+
+
+def test_overlap_table(experiment: Path) -> None:
+    """Last logged overlap of disc: reference 0.06 (below its tau 0.4: EPS files disc under
+    background), best 0.81 (tau 0.3)."""
+    t = overlap_table(load_experiment(experiment))
+    row = t.frame.set_index("class").loc["disc"]
+    assert (row["reference"], row["best"]) == (0.06, 0.81)
+    assert "reference tau = 0.4" in t.note and "best tau = 0.3" in t.note
+
+
+def test_ray_trial_attribute_matches_the_sweep() -> None:
+    """The study attribute read here is the one the sweep's search writes."""
+    search = pytest.importorskip("wsss_tune.trainables.search")
+    assert RAY_TRIAL_ATTR == search.RAY_TRIAL_ATTR

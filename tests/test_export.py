@@ -174,3 +174,22 @@ def test_exported_config_reproduces_the_trial(ray_cluster: None, synth_root: Pat
         torch.set_num_threads(threads)
     assert not any(info["hit"] for info in fresh["stages"].values())
     assert fresh["rw_miou_tune"] == target
+
+
+def test_export_command(tmp_path: Path) -> None:
+    """``wsss-tune export EXP`` writes the YAML and says where; an incomplete experiment exits with
+    code 2 and the reason, ``--allow-incomplete`` exports it."""
+    from typer.testing import CliRunner
+
+    from wsss_tune.cli import app
+
+    runner = CliRunner()
+    write_experiment(tmp_path / "ok", sweep=_sweep_doc(tmp_path, requested=4), trials=_trials(), reports=[])
+    res = runner.invoke(app, ["export", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+    assert f"best config: {tmp_path / 'ok' / 'best_config.yaml'}" in res.output
+
+    write_experiment(tmp_path / "short", sweep=_sweep_doc(tmp_path, requested=6), trials=_trials(), reports=[])
+    res = runner.invoke(app, ["export", str(tmp_path / "short")])
+    assert res.exit_code == 2 and "incomplete" in res.output
+    assert runner.invoke(app, ["export", str(tmp_path / "short"), "--allow-incomplete"]).exit_code == 0

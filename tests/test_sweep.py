@@ -27,6 +27,7 @@ from wsss_tune.trainables import (
     FINAL_KEY,
     SMOKE_OVERRIDES,
     FidelitySearch,
+    demo,
     optuna_distributions,
     plan_sweep,
     resume_sweep,
@@ -111,6 +112,14 @@ def test_invalid_sweeps_fail_before_ray_starts(synth_root: Path, tmp_path: Path,
         run_sweep("synth_rw", data=synth_root, storage=storage, gpus_per_trial=-1)
     with pytest.raises(SpaceError, match="no such file"):
         run_sweep(tmp_path / "missing.yaml", data=synth_root, storage=storage)
+
+    from typer.testing import CliRunner
+
+    from wsss_tune.cli import app
+
+    res = CliRunner().invoke(app, ["sweep", "synth_rw", "--data", str(synth_root), "--storage", str(storage),
+                                   "--set", "rw.beta=3", "--wandb", "off"])
+    assert res.exit_code == 2 and "overrides.rw.beta" in res.output, res.output
     assert not storage.exists()
 
 
@@ -281,8 +290,9 @@ def _finished_runs(exp_dir: Path) -> int:
 def test_resume_after_the_driver_is_killed(ray_cluster: None, synth_root: Path, tmp_path: Path) -> None:
     """A synth_eps sweep of 3 trials, one at a time (each trains its own EPS), whose driver is
     killed (SIGKILL to its process group) once the first trial's pipeline finished: ``resume_sweep``
-    runs the rest. The study then holds 3 finished trials, the reference once, none left running,
-    and the results files count 3 completed trials."""
+    runs the rest. The study then holds 3 finished trials, the reference once, and none left
+    running (a trial the killed driver had asked Optuna for but not saved is closed as failed);
+    the results files count 3 completed trials."""
     args = {"data": str(synth_root), "storage": str(tmp_path), "store": str(tmp_path / "store")}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_SWEEP, json.dumps(args)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -309,3 +319,19 @@ def test_resume_after_the_driver_is_killed(ray_cluster: None, synth_root: Path, 
     reference = load_space("synth_eps").reference_point()
     assert sum(t.params == reference for t in study.trials if t.state == TrialState.COMPLETE) == 1
     assert result.complete
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_demo_prints_stage_table_and_exports(ray_cluster: None, synth_root: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``demo`` on an existing dataset folder (used as it is), 2 trials of synth_pipeline: a table
+    of EPS, refined and DeepLab mIoU for the reference and the best config, and the exported best
+    config; the results are complete."""
+    result = demo(data=synth_root, storage=tmp_path, trials=2, wandb="off", overrides=SMOKE_OVERRIDES,
+                  progress="off")
+    out = capsys.readouterr().out
+    assert result.complete and result.best is not None, [t.error for t in result.trials]
+    for text in ("mask quality", "EPS tune", "refined held-out", "DeepLab tune", "reference", "best config:"):
+        assert text in out, text
+    assert (result.path / "best_config.yaml").is_file()

@@ -22,6 +22,8 @@ __all__ = ["REFRESH_SECONDS", "TrialTable"]
 REFRESH_SECONDS = 1.0
 #: Rows shown: the newest trials (a terminal holds only so many lines).
 _MAX_ROWS = 40
+#: Width of the table when it goes to a file rather than a terminal (rich would use 80 columns).
+_FILE_WIDTH = 160
 
 
 def _fmt(value: Any) -> str:
@@ -57,7 +59,10 @@ class TrialTable(Callback):
         from rich.console import Console
         from rich.live import Live
 
-        self._live = Live(self._table(), console=Console(stderr=True), auto_refresh=False, transient=False)
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console = Console(stderr=True, width=_FILE_WIDTH)
+        self._live = Live(self._table(), console=console, auto_refresh=False, transient=False)
         self._live.start()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -109,8 +114,9 @@ class TrialTable(Callback):
     def _table(self) -> Any:
         from rich.table import Table
 
-        table = Table(title=self.title, show_lines=False)
-        for col in ("trial", "status", "stage", "stage step", "fidelity", self.metric,
+        table = Table(title=f"{self.title}: {self.metric} ({self.mode}); step = the stage's own step",
+                      show_lines=False)
+        for col in ("trial", "status", "stage", "step", "fidelity", "metric",
                     *(p.rsplit(".", 1)[-1] for p in self.params)):
             table.add_column(col, no_wrap=col == "trial", overflow="fold")
         best = self._best()

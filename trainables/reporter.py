@@ -60,12 +60,8 @@ ReportFn = Callable[..., None]
 
 
 def _plain_value(value: Any) -> Any:
-    """A value Tune, CSV and W&B all take: finite-or-not floats, ints, bools, strings; else None."""
-    if isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
+    """A value Tune, CSV and W&B all take (bool, int, float - NaN included - or str); else None."""
+    if isinstance(value, bool | int | float | str):
         return value
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         try:

@@ -8,8 +8,10 @@ result. :class:`FidelitySearch` tells Optuna
 * COMPLETE, with the final value, only for a trial whose last result carries ``final: True`` (the
   trainable sends it after the whole pipeline ran);
 * PRUNED for a trial that ended without one (stopped by the scheduler) - its intermediate values
-  were reported on the way, at the fidelity step, so Optuna knows how far it got;
-* FAIL for a trial that raised.
+  were reported on the way, at the fidelity step (``time_attr``), the one that made the scheduler
+  stop it included (Tune hands that result to the searcher only at completion), so Optuna knows
+  how far it got;
+* FAIL for a trial that raised, or that finished without a finite value of the metric.
 
 :class:`FullBudgetASHA` is ASHA that never stops a trial which has reached ``max_t``: the stage's last
 evaluation arrives at ``max_t``, but the pipeline still has its final result to send (and later

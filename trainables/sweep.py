@@ -8,8 +8,9 @@ the resources, the W&B mode), so a mistake costs no cluster time. Then:
   space's reference point (the paper's or the built-in setting) is evaluated first, so every
   experiment reports its gain over that setting.
 * **Early stopping.** ASHA on the space's ``fidelity`` (``time_attr``, ``max_t``, ``grace_period``,
-  ``reduction_factor``) and metric, when the space has one. Stopped trials enter the study as
-  PRUNED, not as finished with a truncated value.
+  ``reduction_factor``) and metric, when the space has one; a trial that reached ``max_t`` is let
+  finish (:class:`~trainables.search.FullBudgetASHA`). Stopped trials enter the study as PRUNED,
+  not as finished with a truncated value.
 * **Resources.** ``cpus_per_trial`` and ``gpus_per_trial`` (fractions allowed) per trial; Ray runs as
   many trials at once as the resources allow (``max_concurrent`` caps it); ``address`` joins an
   existing cluster. Trials share stage outputs through the artifact store (default
@@ -85,6 +86,8 @@ PROGRESS_MODES = ("rich", "ray", "off")
 #: Seconds the W&B callback waits for a run's upload when the experiment ends (Ray's default is
 #: 1,800; offline runs have nothing to upload).
 WANDB_UPLOAD_TIMEOUT_S = 30
+#: Width of the summary when it goes to a file rather than a terminal.
+SUMMARY_WIDTH = 160
 #: Folder of the shared artifact store inside the storage root (shared by all its experiments).
 STORE_DIR = "artifacts"
 #: Tune checkpoints kept per trial (the newest; training resumes from the store's work folders).
@@ -106,8 +109,8 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "deeplab.checkpoint_every": 2, "deeplab.log_every": 2,
     "run.device": "cpu",
 }
-#: Trials of the demo sweep: the reference plus a few TPE (random start-up) samples; with ASHA
-#: halving at DeepLab step 200 this takes about 10 minutes on 2 CPU cores.
+#: Trials of the demo sweep: the reference plus five TPE (random start-up) samples, two at a time on
+#: 2 CPU cores; ASHA stops the weaker ones at DeepLab step 100 of 300.
 DEMO_TRIALS = 6
 
 
@@ -290,11 +293,13 @@ def _ray_session(address: str | None, *, log_to_driver: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _tune_env(wandb: str) -> Iterator[None]:
+def _tune_env(wandb: str, progress: str) -> Iterator[None]:
     """Environment of the Tune driver during a sweep (restored afterwards).
 
     Intermediate results carry the searched metric only when a stage evaluates it, so Tune's
-    "every result must hold the metric" check is off; ``WANDB_MODE=offline`` without an account.
+    "every result must hold the metric" check is off; ``WANDB_MODE=offline`` without an account;
+    unless ``progress`` is ``ray``, Tune's console output is off (its newer output engine prints a
+    header even at verbosity 0).
     All of these are read by the driver process (W&B's mode also goes to ``wandb.init`` directly, so
     it reaches the logging workers of a cluster joined by ``address``).
     """
@@ -304,6 +309,8 @@ def _tune_env(wandb: str) -> Iterator[None]:
               "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
     if wandb == "offline":
         values["WANDB_MODE"] = "offline"
+    if progress != "ray":
+        values["RAY_AIR_NEW_OUTPUT"] = "0"
     if wandb != "off":
         values["WANDB_SILENT"] = "true"
     saved = {k: os.environ.get(k) for k in values}
@@ -343,7 +350,7 @@ def _callbacks(plan: SweepPlan, *, progress: str) -> list[Any]:
         plan.exp_dir.mkdir(parents=True, exist_ok=True)
         out.append(WandbLoggerCallback(project=w["project"], group=plan.name, log_config=True,
                                        upload_timeout=WANDB_UPLOAD_TIMEOUT_S, mode=w["mode"],
-                                       dir=str(plan.exp_dir), excludes=[SETTINGS_KEY]))
+                                       dir=str(plan.exp_dir)))
     if progress == "rich":
         from .progress import TrialTable
 
@@ -442,7 +449,7 @@ def run_sweep(
                       cache=cache, tune_checkpoints=tune_checkpoints)
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.exp_dir / SWEEP_FILE, plan.sweep)
-    with _tune_env(wandb), _ray_session(address, log_to_driver=progress == "ray"):
+    with _tune_env(wandb, progress), _ray_session(address, log_to_driver=progress == "ray"):
         if address is None:
             _check_resources(cpus_per_trial, gpus_per_trial)
         tuner = _tuner(plan, progress=progress, seed=seed, max_failures=max_failures, max_concurrent=max_concurrent)
@@ -482,7 +489,7 @@ def resume_sweep(
     if not Tuner.can_restore(str(exp_dir)):
         raise FileNotFoundError(f"{exp_dir}: Ray saved no experiment state (the sweep stopped before its first "
                                 "trial); start it again with `wsss-tune sweep`")
-    with _tune_env(doc["wandb"]["mode"]), _ray_session(address, log_to_driver=progress == "ray"):
+    with _tune_env(doc["wandb"]["mode"], progress), _ray_session(address, log_to_driver=progress == "ray"):
         tuner = Tuner.restore(str(exp_dir), trainable=_with_resources(doc["trainable"], doc["resources"]),
                               resume_unfinished=True, resume_errored=resume_errored, restart_errored=restart_errored)
         try:
@@ -526,8 +533,27 @@ def _error_line(text: str | None) -> str | None:
     return lines[-1] if lines else None
 
 
+def _fail_orphaned_study_trials(study: Mapping[str, Any], known: set[str]) -> list[int]:
+    """Mark as FAIL the study's RUNNING trials that Ray does not know: asked by a driver that was
+    killed before it saved them, they never run (a resumed sweep asks anew). Returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .search import RAY_TRIAL_ATTR
+
+    loaded = optuna.load_study(study_name=study["name"], storage=study["storage"])
+    orphans = [t.number for t in loaded.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.user_attrs.get(RAY_TRIAL_ATTR) not in known]
+    for number in orphans:
+        loaded.tell(number, state=TrialState.FAIL)
+    return orphans
+
+
 def collect_results(exp_dir: str | Path) -> ExperimentResult:
     """Read Ray's record of the experiment in ``exp_dir`` and write its results files.
+
+    Also closes the Optuna trials an interrupted driver left RUNNING although Ray never saved them
+    (see :func:`_fail_orphaned_study_trials`); trials Ray will resume are left as they are.
 
     Raises:
         FileNotFoundError: no ``sweep.json`` in ``exp_dir``.
@@ -568,6 +594,8 @@ def collect_results(exp_dir: str | Path) -> ExperimentResult:
             error=error, run_dir=str(runs_dir / trial.trial_id), reports=len(rows),
             seconds=float(seconds) if isinstance(seconds, int | float) else None,
         ))
+    if trials and (exp_dir / STUDY_FILE).is_file():
+        _fail_orphaned_study_trials(sweep_doc["study"], {t.trial_id for t in trials})
     return write_experiment(exp_dir, sweep=sweep_doc, trials=records, reports=reports)
 
 
@@ -587,7 +615,10 @@ def print_summary(result: ExperimentResult, *, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
+            console = Console(width=SUMMARY_WIDTH)
     rows = stage_miou_rows(result)
     if rows:
         table = Table(title=f"{result.name}: mask quality (mIoU, tune / held-out halves)")
@@ -654,14 +685,17 @@ def demo(
 ) -> ExperimentResult:
     """CLI ``wsss-tune demo``: a real sweep over the whole pipeline on the synthetic dataset.
 
-    Generates the dataset in ``data`` if it is missing, runs ``trials`` trials of the
+    Generates the synthetic dataset (preset ``default``) in ``data`` if that folder is missing (an
+    existing folder is used as it is), runs ``trials`` trials of the
     ``synth_pipeline`` space (reference setting first, artifact cache on), prints the EPS, refined
     and DeepLab mIoU (tune and held-out halves) of the reference and the best config, exports the
     best config and says where the W&B runs, parquet files and best config are.
     """
     from wsss_tune.data.synth import generate_synthetic_voc
 
-    root = generate_synthetic_voc(Path(data).expanduser().resolve(), preset=DEMO_PRESET, seed=0)
+    root = Path(data).expanduser().resolve()
+    if not root.exists():
+        generate_synthetic_voc(root, preset=DEMO_PRESET, seed=0)
     result = run_sweep("synth_pipeline", data=root, trials=trials, storage=storage, wandb=wandb, seed=seed,
                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, overrides=overrides,
                        progress=progress, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")

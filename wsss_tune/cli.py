@@ -280,6 +280,102 @@ def compare(
         _fail(str(exc))
 
 
+# --------------------------------------------------------------------------------------------------
+# sweep, resume, export, demo
+# --------------------------------------------------------------------------------------------------
+
+WandbOpt = Annotated[str, typer.Option(help="W&B logging: offline (default; `wandb sync` later) | online | off.")]
+ProgressOpt = Annotated[str, typer.Option(help="rich (live table) | ray (Tune's own output) | off.")]
+
+
+def _sweep_errors() -> tuple[type[BaseException], ...]:
+    from wsss_tune.data import DataError
+    from wsss_tune.spaces import SpaceError
+
+    return (SpaceError, ConfigError, DataError, FileNotFoundError, ValueError)
+
+
+@app.command("sweep")
+def sweep(
+    space: Annotated[str, typer.Argument(help="Search space: built-in name (synth_rw, eps, ...) or a YAML path.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
+    trials: Annotated[int | None, typer.Option(help="Trials (default: the space's num_samples).")] = None,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial; fractions share a GPU.")] = 0,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial.")] = 1,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto or host:port).")] = None,
+    storage: Annotated[Path | None, typer.Option(help="Folder of experiments (default: ./experiments).")] = None,
+    name: Annotated[str | None, typer.Option(help="Experiment name (default: <space>-<date>-<time>).")] = None,
+    wandb: WandbOpt = "offline",
+    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
+    max_failures: Annotated[int, typer.Option(help="Retries of a failing trial (-1: unlimited).")] = 0,
+    max_concurrent: Annotated[int | None, typer.Option(help="At most this many trials at once.")] = None,
+    set_: SetOpt = None,
+    store: Annotated[str | None, typer.Option(help="Artifact store (default: <storage>/artifacts).")] = None,
+    cache: Annotated[bool, typer.Option(help="Share stage artifacts between trials.")] = True,
+    progress: ProgressOpt = "rich",
+) -> None:
+    """Search a space with Ray Tune + Optuna TPE (+ ASHA); the reference setting runs first."""
+    from wsss_tune.config import parse_override
+    from wsss_tune.trainables.sweep import sweep as run
+
+    try:
+        overrides = dict(parse_override(o) for o in set_ or [])
+        run(space, data=data, trials=trials, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+            address=address, storage=storage, name=name, wandb=wandb, seed=seed, max_failures=max_failures,
+            max_concurrent=max_concurrent, overrides=overrides, store=store, cache=cache, progress=progress)
+    except _sweep_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command("resume")
+def resume(
+    exp: Annotated[Path, typer.Argument(help="Experiment folder of an interrupted sweep.")],
+    resume_errored: Annotated[bool, typer.Option(help="Also resume failed trials from their last checkpoint.")] = False,
+    restart_errored: Annotated[bool, typer.Option(help="Restart failed trials from scratch.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto or host:port).")] = None,
+    progress: ProgressOpt = "rich",
+) -> None:
+    """Continue an interrupted sweep (searcher state kept), then rewrite its results."""
+    from wsss_tune.trainables.sweep import resume as run
+
+    try:
+        run(exp, resume_errored=resume_errored, restart_errored=restart_errored, address=address, progress=progress)
+    except _sweep_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command("export")
+def export(
+    exp: Annotated[Path, typer.Argument(help="Experiment folder.")],
+    out: Annotated[Path | None, typer.Option(help="Output YAML (default: EXP/best_config.yaml).")] = None,
+    allow_incomplete: Annotated[bool, typer.Option(help="Export even if some trials failed or never ran.")] = False,
+) -> None:
+    """Write the best trial's full config as a YAML that `wsss-tune run` accepts."""
+    from wsss_tune.trainables.sweep import export as run
+
+    try:
+        run(exp, out=out, allow_incomplete=allow_incomplete)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command("demo")
+def demo(
+    data: Annotated[Path, typer.Option(help="Synthetic dataset folder (generated if missing).")] = Path("data/synth"),
+    storage: Annotated[Path | None, typer.Option(help="Folder of experiments (default: ./experiments).")] = None,
+    trials: Annotated[int, typer.Option(help="Trials of the synth_pipeline sweep.")] = 6,
+    wandb: WandbOpt = "offline",
+    progress: ProgressOpt = "rich",
+) -> None:
+    """A real sweep over the whole pipeline on the synthetic dataset (CPU, about 10 minutes on 2 cores)."""
+    from wsss_tune.trainables.sweep import demo as run
+
+    try:
+        run(data=data, storage=storage, trials=trials, wandb=wandb, progress=progress)
+    except _sweep_errors() as exc:
+        _fail(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: clear one-line errors for user mistakes instead of tracebacks."""
     from wsss_tune.data import DataError
