@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wsss_tune.data.masks import read_mask_png
+from wsss_tune.ops.metric import IGNORE_INDEX
+from wsss_tune.utils.safe_pickle import load_pickled_npy
 
 if TYPE_CHECKING:
     from wsss_tune.config import DataConfig
@@ -48,8 +51,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
-#: Mask value for "do not score / do not train" pixels (VOC object boundaries, crop padding).
-IGNORE_INDEX = 255
 #: Where image-level labels may come from (``DataConfig.label_source``).
 LABEL_SOURCES = ("cls_labels", "annotations", "masks")
 #: Every ``DataError.kind`` (and ``check.Problem.kind``) the data layer produces.
@@ -322,8 +323,8 @@ class VOCLayout:
                                 "dict id -> float32[C]); use label_source 'annotations' or 'masks' otherwise",
                                 file=path, kind="missing_file")
             try:
-                labels = np.load(path, allow_pickle=True).item()
-            except (OSError, ValueError, EOFError) as exc:
+                labels = load_pickled_npy(path)
+            except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
                 raise DataError(f"{path}: cannot read label file ({exc})", file=path, kind="unreadable") from None
             if not isinstance(labels, dict):
                 raise DataError(f"{path}: expected a pickled dict id -> float32[C], got {type(labels).__name__}",

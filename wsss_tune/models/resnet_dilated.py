@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from wsss_tune.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # the project's input convention
 from wsss_tune.models.registry import register_backbone
 
 __all__ = [
@@ -52,8 +53,6 @@ __all__ = [
     "RESNET_BLOCKS",
     "STAGE_CHANNELS",
     "STAGE_DILATIONS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "CAFFE_MEAN_BGR",
     "freeze_batchnorm",
 ]
@@ -69,9 +68,6 @@ STAGE_DILATIONS: tuple[int, int] = (2, 4)
 #: The only output stride DeepLab v1/v2 use; at 16 layer2 would no longer share the stride of the
 #: other returned maps (registry contract).
 OUTPUT_STRIDE = 8
-#: ImageNet RGB mean and std of inputs scaled to [0, 1] (torchvision; the project's input convention).
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: BGR mean (0..255 scale) the Caffe DeepLab weights were trained with (deeplab-pytorch
 #: ``configs/voc12.yaml`` ``IMAGE.MEAN``); Caffe inputs are not divided by a std.
 CAFFE_MEAN_BGR: tuple[float, float, float] = (104.008, 116.669, 122.675)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from wsss_tune.ops.metric import IGNORE_INDEX
 from wsss_tune.ops.neighbors import DEFAULT_RADIUS, pair_valid, pair_views
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
     "scores_at_stride",
 ]
 
-#: Label value of pixels that take part in no pair (PASCAL VOC's "void"/boundary value).
-IGNORE_INDEX = 255
 #: Inside the logs of the loss: ``log(a + 1e-5)`` and ``log(1 + 1e-5 - a)`` (PSA ``train_aff.py``).
 LOG_EPS = 1e-5
 #: Added to each pair count before dividing (PSA ``train_aff.py``: ``torch.sum(label) + 1e-5``).

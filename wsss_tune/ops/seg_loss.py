@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss_tune.ops.metric import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "LABEL_RESIZE_MODE",
@@ -33,9 +35,6 @@ __all__ = [
     "msc_loss",
 ]
 
-#: Label value that marks pixels without supervision (VOC ``SegmentationClassAug`` and the
-#: padding of the reference crops).
-IGNORE_INDEX = 255
 #: torch interpolation mode equal to PIL ``Image.NEAREST`` (pixel-centre sampling), which the
 #: reference uses to shrink labels; plain ``nearest`` samples ``floor(i * H / h)`` and shifts labels.
 LABEL_RESIZE_MODE = "nearest-exact"
