@@ -191,3 +191,27 @@ def test_run_trial_reports_each_stage_then_a_final_result(synth_root: Path, tmp_
     cached = run_trial(config, trial_id="t1", report_fn=again)
     assert cached["stages_built"] == 0 and cached["eps_miou_tune"] == final["eps_miou_tune"]
     assert all(c["result"].get("cache_hit") or c["result"].get(FINAL_KEY) for c in again.calls)
+
+
+def test_trial_table_marks_the_best_finished_trial() -> None:
+    """Trial a finishes with m = 0.7, b is stopped after reporting 0.9, c finishes with 0.5: the
+    best *finished* trial is a (b's 0.9 is a truncated value), b shows as pruned."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from wsss_tune.trainables.progress import TrialTable
+
+    table = TrialTable(metric="m", mode="max", params=["eps.tau"], title="exp")
+    trials = {tid: SimpleNamespace(trial_id=tid, config={"eps.tau": tau}) for tid, tau in
+              (("a", 0.3), ("b", 0.4), ("c", 0.5))}
+    for tid, value, final in (("a", 0.7, True), ("b", 0.9, False), ("c", 0.5, True)):
+        table.on_trial_start(0, [], trials[tid])
+        table.on_trial_result(0, [], trials[tid], {"m": value, "stage": "eps", "stage_step": 4,
+                                                   **({FINAL_KEY: True} if final else {})})
+        table.on_trial_complete(0, [], trials[tid])
+    assert table._best() == "a"
+    assert [table._rows[t]["status"] for t in "abc"] == ["done", "pruned", "done"]
+    out = io.StringIO()
+    Console(file=out, width=160).print(table._table())
+    assert "a *" in out.getvalue() and "0.9" in out.getvalue()

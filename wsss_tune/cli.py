@@ -376,6 +376,113 @@ def demo(
         _fail(str(exc))
 
 
+# --------------------------------------------------------------------------------------------------
+# cache, pre-flight, Ray clean-up
+# --------------------------------------------------------------------------------------------------
+
+StoreArg = Annotated[str, typer.Argument(help="Artifact store: a folder (e.g. experiments/artifacts) or a URI.")]
+#: Seconds per unit of an ``--older-than`` value (``90s``, ``30m``, ``12h``, ``7d``; a bare number is seconds).
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age_seconds(text: str) -> float:
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _AGE_UNITS else text
+    try:
+        value = float(number) * _AGE_UNITS.get(unit, 1)
+    except ValueError:
+        raise ValueError(f"--older-than {text!r}: expected a number with an optional unit s, m, h or d "
+                         "(e.g. 7d)") from None
+    if value < 0:
+        raise ValueError(f"--older-than {text!r}: expected >= 0")
+    return value
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@cache_app.command("ls")
+def cache_ls(
+    store: StoreArg,
+    stage: Annotated[str | None, typer.Option(help="Only this stage (eps, affinity, rw, deeplab, ...).")] = None,
+) -> None:
+    """List published artifacts: stage/digest, age, size, files and build time."""
+    from wsss_tune.artifacts import ArtifactStore
+
+    try:
+        infos = ArtifactStore(uri=store).list(stage)
+    except ValueError as exc:
+        _fail(str(exc))
+    for i in sorted(infos, key=lambda i: (i.key.stage, i.created)):
+        typer.echo(f"{i.key.stage}/{i.key.digest}  age {i.age_seconds / 3600:7.1f} h  {_size(i.size_bytes):>9}  "
+                   f"{i.num_files:4d} files  built in {i.build_seconds:.1f} s")
+    typer.echo(f"{len(infos)} artifact(s), {_size(sum(i.size_bytes for i in infos))}")
+
+
+@cache_app.command("gc")
+def cache_gc(
+    store: StoreArg,
+    older_than: Annotated[str | None, typer.Option(help="Remove artifacts older than this (90s, 30m, 12h, 7d).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only report what would be removed.")] = False,
+) -> None:
+    """Remove old artifacts (with --older-than) and clean leftovers of crashed builds and stale locks."""
+    from wsss_tune.artifacts import ArtifactStore
+
+    try:
+        age = _age_seconds(older_than) if older_than is not None else None
+        report = ArtifactStore(uri=store).gc(older_than=age, dry_run=dry_run)
+    except ValueError as exc:
+        _fail(str(exc))
+    verb = "would remove" if dry_run else "removed"
+    for i in report.removed:
+        typer.echo(f"{verb} {i.key.stage}/{i.key.digest} ({_size(i.size_bytes)})")
+    typer.echo(f"{verb} {len(report.removed)} artifact(s), {_size(report.freed_bytes)}; "
+               f"cleaned {len(report.cleaned)} leftover(s)")
+
+
+@app.command("preflight")
+def preflight(
+    config: Annotated[str, typer.Argument(help="Built-in config name (synth, voc) or a YAML path.")],
+    stages: Annotated[str, typer.Option(help="Comma-separated stages, or all.")] = "all",
+    set_: SetOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
+    store: Annotated[str | None, typer.Option(help="Artifact store to probe (default run.artifact_store).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run / experiment folder to probe for writing.")] = None,
+) -> None:
+    """Check every file, weight and storage location a run needs; exit 1 listing every problem."""
+    from wsss_tune.stages.pipeline import parse_stages
+    from wsss_tune.validate import PreflightError, require_preflight
+
+    try:
+        cfg = _load(config, set_, data)
+        checks = require_preflight(cfg, stages=parse_stages(stages), store=store, experiments=out)
+    except PreflightError as exc:
+        _fail(str(exc), code=1)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    for c in checks:
+        typer.echo(c.line())
+
+
+@app.command("ray-clean")
+def ray_clean(
+    exp: Annotated[Path, typer.Argument(help="Experiment folder whose driver was killed.")],
+    dry_run: Annotated[bool, typer.Option(help="Only list the processes.")] = False,
+) -> None:
+    """End the Ray processes a killed sweep driver left behind (only that sweep's recorded session)."""
+    from wsss_tune.trainables.cluster import clean_ray_session
+
+    try:
+        pids = clean_ray_session(exp, dry_run=dry_run)
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{'would end' if dry_run else 'ended'} {len(pids)} process(es): {' '.join(map(str, pids))}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: clear one-line errors for user mistakes instead of tracebacks."""
     from wsss_tune.data import DataError
