@@ -33,9 +33,10 @@ from wsss_tune.stages.affinity import (
 )
 from wsss_tune.utils import atomic_write_bytes
 
-#: Tiny settings: 48 px crops (12 x 12 features at the tiny backbone's stride 4, enough for radius 5),
-#: batches of 2; a step takes milliseconds on the CPU.
+#: Tiny settings: 48 px crops (12 x 12 features at the tiny backbone's stride 4, enough for radius 5,
+#: the reference radius), batches of 2; a step takes milliseconds on the CPU.
 TINY = {
+    "affinity.radius": 5,
     "data.num_workers": 0,
     "run.device": "cpu",
     "affinity.iterations": 4,

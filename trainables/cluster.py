@@ -40,6 +40,8 @@ DASHBOARD_ARGS = ("--include-dashboard=false",)
 SESSION_FILE = "ray_session.json"
 #: Seconds :func:`clean_ray_session` waits after SIGTERM before sending SIGKILL.
 TERM_GRACE_S = 5.0
+#: Command-line fragments that identify a live sweep driver (the CLI or a script calling the sweep API).
+DRIVER_MARKS = ("wsss-tune", "wsss_tune", "run_sweep", "resume_sweep")
 
 
 def _ray_bin() -> str:
@@ -126,8 +128,10 @@ def clean_ray_session(exp_dir: str | Path, *, dry_run: bool = False) -> list[int
     doc = json.loads(path.read_text())
     if not doc.get("started_here"):
         return []  # joined an existing cluster: its processes belong to whoever started it
-    if _alive(int(doc["driver_pid"])) and doc["session_name"] in _cmdline(int(doc["driver_pid"])) or \
-            _alive(int(doc["driver_pid"])) and "wsss" in _cmdline(int(doc["driver_pid"])):
+    driver = int(doc["driver_pid"])
+    # A live pid whose command line is a Python driver of this project is the driver itself (a reused
+    # pid running something else is not).
+    if _alive(driver) and any(mark in _cmdline(driver) for mark in DRIVER_MARKS):
         raise RuntimeError(f"the driver (pid {doc['driver_pid']}) of {exp_dir} still runs; stop it first")
     pids = session_processes(doc["session_name"])
     if dry_run:

@@ -54,7 +54,9 @@ from wsss_tune.analysis.results import (
 from wsss_tune.config import to_dict
 from wsss_tune.spaces import SearchSpace, load_space, validate
 from wsss_tune.utils.io import atomic_write_json
+from wsss_tune.validate import require_preflight
 
+from .cluster import record_ray_session
 from .reporter import FINAL_KEY
 from .search import STUDY_FILE, optuna_distributions
 from .trainable import SETTINGS_KEY, TRAINABLES, TrialSettings, trainable_for
@@ -227,6 +229,8 @@ def plan_sweep(
     store_uri = "" if not cache else str(store)
     if store_uri and "://" not in store_uri:
         store_uri = str(Path(store_uri).expanduser().resolve())
+    # Every file, weight and storage location the trials need, checked before Ray starts.
+    require_preflight(cfg, stages=space.stages, store=store_uri or None, experiments=storage_root)
     trainable, _ = trainable_for(space.stages)
     f = space.fidelity
     settings = TrialSettings(
@@ -278,14 +282,20 @@ def plan_sweep(
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None, *, log_to_driver: bool) -> Iterator[None]:
-    """Use a running Ray instance, join ``address``, or start a local one (stopped at the end)."""
+def _ray_session(address: str | None, *, log_to_driver: bool, exp_dir: Path | None = None) -> Iterator[None]:
+    """Use a running Ray instance, join ``address``, or start a local one (stopped at the end).
+
+    The session is recorded in ``exp_dir`` so that ``wsss-tune ray-clean EXP`` can end exactly the
+    processes this driver started if it is killed.
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
     ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
+    if exp_dir is not None:
+        record_ray_session(exp_dir)
     try:
         yield
     finally:
@@ -449,7 +459,8 @@ def run_sweep(
                       cache=cache, tune_checkpoints=tune_checkpoints)
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.exp_dir / SWEEP_FILE, plan.sweep)
-    with _tune_env(wandb, progress), _ray_session(address, log_to_driver=progress == "ray"):
+    with _tune_env(wandb, progress), _ray_session(address, log_to_driver=progress == "ray",
+                                                          exp_dir=plan.exp_dir):
         if address is None:
             _check_resources(cpus_per_trial, gpus_per_trial)
         tuner = _tuner(plan, progress=progress, seed=seed, max_failures=max_failures, max_concurrent=max_concurrent)
@@ -489,7 +500,8 @@ def resume_sweep(
     if not Tuner.can_restore(str(exp_dir)):
         raise FileNotFoundError(f"{exp_dir}: Ray saved no experiment state (the sweep stopped before its first "
                                 "trial); start it again with `wsss-tune sweep`")
-    with _tune_env(doc["wandb"]["mode"], progress), _ray_session(address, log_to_driver=progress == "ray"):
+    with _tune_env(doc["wandb"]["mode"], progress), _ray_session(address, log_to_driver=progress == "ray",
+                                                                 exp_dir=exp_dir):
         tuner = Tuner.restore(str(exp_dir), trainable=_with_resources(doc["trainable"], doc["resources"]),
                               resume_unfinished=True, resume_errored=resume_errored, restart_errored=restart_errored)
         try:

@@ -174,6 +174,12 @@ def run(
         from wsss_tune.data import generate_synthetic_voc
 
         generate_synthetic_voc(cfg.data.root, seed=cfg.run.seed)
+    from wsss_tune.validate import PreflightError, require_preflight
+
+    try:
+        require_preflight(cfg, stages=stage_list, experiments=out_dir)
+    except PreflightError as exc:
+        _fail(str(exc))
     metrics = run_pipeline(cfg, stages=stage_list, out_dir=out_dir)
     headline = {k: v for k, v in metrics.items() if k.endswith("_miou") or k.endswith("_method")}
     typer.echo(json.dumps(headline, indent=2, default=str))

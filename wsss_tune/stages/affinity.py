@@ -734,10 +734,11 @@ def run_random_walk(
         if tuple(scores.shape[1:]) != grid:
             raise ValueError(f"{aff_dir / (image_id + '.npy')}: affinity grid {grid} does not match the CAMs "
                              f"{cam_path} ({height}x{width} at stride {stride} -> {tuple(scores.shape[1:])})")
-        walked = random_walk(aff.to(device), scores.to(device), radius=radius, beta=r.beta, t_values=steps,
-                             pad_border=r.pad_border)
-        image = layout.load_image(image_id) if r.crf else None
         gt = layout.load_mask(image_id) if image_id in eval_set else None
+        # Images without ground truth only need the masks of the configured t.
+        walked = random_walk(aff.to(device), scores.to(device), radius=radius, beta=r.beta,
+                             t_values=steps if gt is not None else [t_conf], pad_border=r.pad_border)
+        image = layout.load_image(image_id) if r.crf else None
         for t, out in walked.items():
             if image is not None:
                 pred = _crf_labels(out.cpu(), image, plane_keys, stride)
