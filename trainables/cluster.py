@@ -62,11 +62,13 @@ def head_command(*, port: int, num_cpus: int, num_gpus: int = 0, temp_dir: str |
     return cmd
 
 
-def worker_command(*, address: str, num_cpus: int, num_gpus: int = 0,
+def worker_command(*, address: str, num_cpus: int, num_gpus: int = 0, temp_dir: str | None = None,
                    resources: Mapping[str, float] | None = None, node_ip: str = "127.0.0.1") -> list[str]:
-    """``ray start --address`` joining a head."""
+    """``ray start --address`` joining a head (``temp_dir`` is per node)."""
     cmd = [_ray_bin(), "start", f"--address={address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
            f"--node-ip-address={node_ip}", "--disable-usage-stats"]
+    if temp_dir:
+        cmd.append(f"--temp-dir={temp_dir}")
     if resources:
         cmd.append(f"--resources={json.dumps(dict(resources))}")
     return cmd

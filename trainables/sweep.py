@@ -95,7 +95,8 @@ STORE_DIR = "artifacts"
 #: Tune checkpoints kept per trial (the newest; training resumes from the store's work folders).
 CHECKPOINTS_TO_KEEP = 1
 #: Result keys Ray adds that the report table leaves out (the config is in trials.parquet).
-_RAY_RESULT_NOISE = frozenset({"config", "date", "pid", "node_ip", "done", "checkpoint_dir_name",
+#: ``node_ip`` and ``hostname`` stay (with the trainable's ``node_id``: where the trial last ran).
+_RAY_RESULT_NOISE = frozenset({"config", "date", "pid", "done", "checkpoint_dir_name",
                                "time_this_iter_s", "time_since_restore", "iterations_since_restore"})
 #: Synthetic dataset the demo generates (DESIGN.md §4 prototype) and its default folder.
 DEMO_PRESET = "default"
@@ -602,7 +603,9 @@ def collect_results(exp_dir: str | Path) -> ExperimentResult:
         seconds = last.get("time_total_s")
         records.append(TrialRecord(
             trial_id=trial.trial_id, status=status, params=params,
-            metrics={k: v for k, v in _clean(last).items() if k not in ("trial_id", "timestamp", "hostname")},
+            metrics={**{k: v for k, v in _clean(last).items() if k not in ("trial_id", "timestamp")},
+                     # attempts that raised (retried while fewer than FailureConfig.max_failures)
+                     "num_failures": int(getattr(trial, "num_failures", 0) or 0)},
             error=error, run_dir=str(runs_dir / trial.trial_id), reports=len(rows),
             seconds=float(seconds) if isinstance(seconds, int | float) else None,
         ))

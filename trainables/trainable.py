@@ -31,6 +31,7 @@ from wsss_tune.stages.pipeline import parse_stages
 
 __all__ = [
     "SETTINGS_KEY",
+    "NODE_KEY",
     "TrialSettings",
     "split_trial_config",
     "trial_pipeline_config",
@@ -46,6 +47,9 @@ __all__ = [
 
 #: The one fixed entry of a trial config; every other entry is a searched config field.
 SETTINGS_KEY = "wsss_tune"
+#: Result key holding the id of the Ray node that ran the trial (Ray adds ``node_ip`` and ``hostname``,
+#: which are the same for every node of a single-host cluster).
+NODE_KEY = "node_id"
 #: Stages each per-stage trainable runs (upstream artifacts it needs come from the cache).
 _STAGE_TRAINABLE_STAGES: dict[str, tuple[str, ...]] = {
     "eps": ("eps",),
@@ -197,13 +201,21 @@ def run_trial(
 def _tune_trial(config: dict[str, Any], stages: Sequence[str] | None) -> None:
     from ray import tune
 
+    import ray
+
     ctx = tune.get_context()
+    # Every result names the Ray node that produced it (trials.parquet shows where each trial ran).
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def report(result: Mapping[str, Any], **kwargs: Any) -> None:
+        tune.report({**result, NODE_KEY: node_id}, **kwargs)
+
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), checkpoint_dir=folder)
+            run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), report_fn=report, checkpoint_dir=folder)
     else:
-        run_trial(config, stages=stages, trial_id=ctx.get_trial_id())
+        run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), report_fn=report)
 
 
 def eps_trainable(config: dict[str, Any]) -> None:
