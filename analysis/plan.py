@@ -472,8 +472,7 @@ def time_stages(
     from wsss_tune.ops.eps_loss import classification_loss, eps_loss
     from wsss_tune.ops.random_walk import random_walk
     from wsss_tune.ops.seg_loss import msc_loss
-    from wsss_tune.stages.common import build_optimizer
-    from wsss_tune.stages.deeplab import CHANNELS_LAST as DEEPLAB_CHANNELS_LAST
+    from wsss_tune.stages.common import build_optimizer, prepare_model, to_device
     from wsss_tune.stages.deeplab import build_deeplab_optimizer
     from wsss_tune.utils.runtime import autocast, resolve_device, seed_everything
 
@@ -485,19 +484,13 @@ def time_stages(
     c = num_classes
     timed = {"steps": steps, "warmup": warmup, "device": device}
 
-    def channels_last(on: bool) -> bool:
-        # The stage runners switch CUDA models and inputs to channels_last when their flag is set.
-        return on and device.type == "cuda"
-
-    def images(batch: int, crop: int, last: bool = False) -> torch.Tensor:
-        x = torch.randn(batch, 3, crop, crop, device=device)
-        return x.contiguous(memory_format=torch.channels_last) if last else x
+    def images(batch: int, crop: int, last: bool) -> torch.Tensor:
+        # Placed as the stage runners place their batches (NHWC on CUDA when the stage's flag is set).
+        return to_device(torch.randn(batch, 3, crop, crop), device, last)
 
     def time_eps() -> tuple[float, float]:
-        last = channels_last(e.channels_last)
-        eps_net = build_eps_net(backbone=e.backbone, num_classes=c).to(device)
-        if last:
-            eps_net = eps_net.to(memory_format=torch.channels_last)
+        last = e.channels_last
+        eps_net = prepare_model(build_eps_net(backbone=e.backbone, num_classes=c), device, last)
         opt = build_optimizer(eps_net.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer, lr=e.lr,
                               momentum=e.momentum, weight_decay=e.weight_decay)
         x = images(e.batch_size, e.crop_size, last)
@@ -528,13 +521,13 @@ def time_stages(
         return eps_step_s, eps_forward_s
 
     def time_affinity() -> tuple[float, float, float]:
-        aff_net = build_affinity_net(backbone=a.backbone or e.backbone, widths=a.widths,
-                                     out_channels=a.out_channels).to(device)
+        aff_net = prepare_model(build_affinity_net(backbone=a.backbone or e.backbone, widths=a.widths,
+                                                   out_channels=a.out_channels), device, a.channels_last)
         opt = build_optimizer(aff_net.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer, lr=a.lr,
                               momentum=a.momentum, weight_decay=a.weight_decay)
-        x = images(a.batch_size, a.crop_size)
+        x = images(a.batch_size, a.crop_size, a.channels_last)
         with torch.no_grad():
-            fshape = aff_net.eval()(images(1, a.crop_size)).shape[-2:]
+            fshape = aff_net.eval()(images(1, a.crop_size, a.channels_last)).shape[-2:]
         pair_labels = affinity_labels(torch.randint(0, c + 1, (a.batch_size, *fshape), device=device), radius=a.radius)
 
         def aff_step() -> None:
@@ -549,7 +542,7 @@ def time_stages(
         aff_net.train()
         aff_step_s = _timed(aff_step, **timed)
         aff_net.eval()
-        one = images(1, a.crop_size)
+        one = images(1, a.crop_size, a.channels_last)
         last: dict[str, torch.Tensor] = {}
 
         def aff_forward() -> None:
@@ -566,11 +559,9 @@ def time_stages(
         return aff_step_s, aff_forward_s, rw_s
 
     def time_deeplab() -> tuple[float, float]:
-        last = channels_last(DEEPLAB_CHANNELS_LAST)
+        last = d.channels_last
         dl = build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=c + 1, msc=d.msc, freeze_bn=d.freeze_bn)
-        dl = dl.to(device)
-        if last:
-            dl = dl.to(memory_format=torch.channels_last)
+        dl = prepare_model(dl, device, last)
         opt = build_deeplab_optimizer(dl, d)
         x = images(d.batch_size, d.crop_size, last)
         target = torch.randint(0, c + 1, (d.batch_size, d.crop_size, d.crop_size), device=device)

@@ -199,9 +199,8 @@ def run_trial(
 
 
 def _tune_trial(config: dict[str, Any], stages: Sequence[str] | None) -> None:
-    from ray import tune
-
     import ray
+    from ray import tune
 
     ctx = tune.get_context()
     # Every result names the Ray node that produced it (trials.parquet shows where each trial ran).

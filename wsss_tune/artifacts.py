@@ -60,7 +60,7 @@ import filelock
 import pyarrow.fs as pafs
 
 from wsss_tune.config import config_hash, to_dict
-from wsss_tune.utils.io import atomic_dir, atomic_write_bytes
+from wsss_tune.utils.io import atomic_dir, atomic_write_bytes, file_sha256
 
 __all__ = [
     "MANIFEST_NAME",
@@ -230,14 +230,6 @@ class GcReport:
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _scan(folder: Path, key: ArtifactKey) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file under ``folder`` by POSIX relative path."""
     files: dict[str, dict[str, Any]] = {}
@@ -251,7 +243,7 @@ def _scan(folder: Path, key: ArtifactKey) -> dict[str, dict[str, Any]]:
             rel = path.relative_to(folder).as_posix()
             if rel == MANIFEST_NAME:
                 raise ArtifactError(f"artifact {key}: the build wrote {MANIFEST_NAME}, a name the store reserves")
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path, chunk=_CHUNK)}
     return dict(sorted(files.items()))
 
 
@@ -295,7 +287,7 @@ def _verify_dir(folder: Path, manifest: Mapping[str, Any], mode: str) -> list[st
         size = path.stat().st_size
         if size != meta["size"]:
             problems.append(f"{rel}: {size} bytes, manifest says {meta['size']}")
-        elif mode == "sha256" and _sha256_file(path) != meta["sha256"]:
+        elif mode == "sha256" and file_sha256(path, chunk=_CHUNK) != meta["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
     return problems
 

@@ -153,6 +153,7 @@ class AffinityConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
     amp: bool = True
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)

@@ -53,25 +53,32 @@ from wsss_tune.ops.random_walk import random_walk, rw_labels, rw_scores_from_cam
 from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.stages.common import (
     CheckpointManager,
+    LogWindow,
     StageResult,
+    backward,
     build_optimizer,
-    capture_rng,
+    claim_folder,
+    make_grad_scaler,
     make_loader,
-    restore_rng,
+    newest_checkpoint,
+    optimizer_step,
+    prepare_model,
+    restore_training,
+    save_state_dict,
     set_poly_lr,
+    to_device,
+    training_state,
 )
-
-# Folder bookkeeping shared with the EPS runner (candidates for stages.common).
-from wsss_tune.stages.eps import (
-    _claim_folder,
-    _file_sha256,
-    _needs_grad_scaler,
-    _save_state_dict,
-    _to_device,
-    load_cams,
-)
+from wsss_tune.stages.eps import load_cams
 from wsss_tune.stages.evaluate import miou_metrics, score_masks, tune_heldout_ids
-from wsss_tune.utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, seed_everything
+from wsss_tune.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    autocast,
+    file_sha256,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = [
     "MODEL_FILE",
@@ -80,7 +87,6 @@ __all__ = [
     "AFF_META_FILE",
     "TRAIN_HFLIP",
     "TRAIN_JITTER",
-    "CHANNELS_LAST",
     "AffinityTrainSet",
     "EPSMaskLabels",
     "DualThresholdLabels",
@@ -106,8 +112,6 @@ TRAIN_HFLIP = True
 #: Colour jitter (brightness, contrast, saturation, hue) on the image only (PSA ``train_aff.py``:
 #: ``ColorJitter(0.3, 0.3, 0.3, 0.1)``).
 TRAIN_JITTER: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
-#: channels_last memory format on CUDA (no ``affinity.channels_last`` field yet; EPS defaults to on).
-CHANNELS_LAST = True
 #: Training settings of a folder, compared on every start so a resume never mixes two configs.
 _TRAIN_KEY_FILE = "train_key.json"
 _CHECKPOINT_DIR = "checkpoints"
@@ -299,44 +303,13 @@ def _label_source(cfg: PipelineConfig, layout: VOCLayout, eps_dir: Path) -> EPSM
 _PARTS = ("bg", "fg", "neg")
 
 
-class _LogWindow:
-    """Loss, part losses and pair counts summed since the last log; saved in checkpoints."""
-
-    _KEYS = ("loss", *_PARTS, *(f"{p}_count" for p in _PARTS))
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.sums = dict.fromkeys(self._KEYS, 0.0)
-
-    def add(self, loss: float, parts: Mapping[str, Tensor]) -> None:
-        self.steps += 1
-        self.sums["loss"] += loss
-        for key in self._KEYS[1:]:
-            self.sums[key] += float(parts[key])
-
-    def summary(self) -> dict[str, float]:
-        n = max(self.steps, 1)
-        out = {"affinity/loss": self.sums["loss"] / n}
-        for p in _PARTS:
-            out[f"affinity/loss_{p}"] = self.sums[p] / n
-            out[f"affinity/pairs_{p}"] = self.sums[f"{p}_count"] / n
-        return out
-
-    def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, **self.sums}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.sums = {k: float(state[k]) for k in self._KEYS}
-
-
 def _train_key(cfg: PipelineConfig, eps_model: Path | None) -> dict[str, Any]:
     aff = {k: v for k, v in to_dict(cfg.affinity).items() if k not in _NEUTRAL_FIELDS}
     aff["backbone"] = _backbone_name(cfg)
     data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
     key: dict[str, Any] = {"affinity": aff, "data": data, "seed": cfg.run.seed}
     if eps_model is not None:
-        key["eps_model_sha256"] = _file_sha256(eps_model)
+        key["eps_model_sha256"] = file_sha256(eps_model)
     return key
 
 
@@ -344,13 +317,6 @@ def _build_model(cfg: PipelineConfig, *, init_state: Mapping[str, Any] | None, p
     a = cfg.affinity
     return build_affinity_net(backbone=_backbone_name(cfg), widths=a.widths, out_channels=a.out_channels,
                               init_state=init_state, pretrained=pretrained)
-
-
-def _prepare(model: AffinityNet, device: torch.device) -> AffinityNet:
-    model = model.to(device)
-    if CHANNELS_LAST and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def train_affinity(
@@ -393,7 +359,7 @@ def train_affinity(
         raise FileNotFoundError(f"{eps_model}: EPS model not found; affinity.init is 'eps', which starts "
                                 "AffinityNet from the EPS backbone (pass eps_model or set affinity.init=imagenet)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_folder(out_dir / _TRAIN_KEY_FILE, _train_key(cfg, eps_model if a.init == "eps" else None),
+    claim_folder(out_dir / _TRAIN_KEY_FILE, _train_key(cfg, eps_model if a.init == "eps" else None),
                   "AffinityNet training run")
     model_path = out_dir / MODEL_FILE
     if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
@@ -416,36 +382,26 @@ def train_affinity(
     if a.crop_size % stride:
         raise ValueError(f"affinity.crop_size: {a.crop_size} is not a multiple of the backbone's output stride "
                          f"{stride}, so labels and features would not line up")
-    model = _prepare(model, device)
+    model = prepare_model(model, device, a.channels_last)
     optimizer = build_optimizer(model.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer,
                                 lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if _needs_grad_scaler(device, a.amp) else None
+    scaler = make_grad_scaler(device, a.amp)
     ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
-    window = _LogWindow()
+    window = LogWindow()
     last_logged: dict[str, float] = {}
 
-    latest = ckpts.latest()
-    start = latest[0] if latest is not None else 0
-    if start > total:
-        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {start}, past the {total} training steps")
+    start, resume = newest_checkpoint(ckpts, total, "the training steps (affinity.epochs or affinity.iterations)")
     # Created before the RNG is restored: creating it draws from the global RNG, as at step 0.
     loader = make_loader(dataset, batch_size=a.batch_size, seed=cfg.run.seed, start_step=start,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if latest is not None:
-        state = latest[1]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        window.load(state["window"])
-        last_logged = {k: float(v) for k, v in state["last_logged"].items()}
-        restore_rng(state["rng"])
+    if resume is not None:
+        last_logged = restore_training(resume, model=model, optimizer=optimizer, scaler=scaler, window=window)
 
     model.train()
     for step in range(start + 1, total + 1):
         batch = next(loader)
         lr = set_poly_lr(optimizer, a.lr, step - 1, total, a.poly_power)
-        image = _to_device(batch["image"], device, CHANNELS_LAST)
+        image = to_device(batch["image"], device, a.channels_last)
         mask = batch["mask"].to(device, non_blocking=True)
         with autocast(device, a.amp):
             feats = model(image)
@@ -459,35 +415,29 @@ def train_affinity(
         loss_value = loss.item()
         check_finite("affinity/loss", loss_value, step=step)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        window.add(loss_value, {k: v.detach() for k, v in parts.items()})
+        backward(loss, scaler)
+        optimizer_step(optimizer, scaler)
+        window.add(**{"affinity/loss": loss_value},
+                   **{f"affinity/loss_{p}": float(parts[p].detach()) for p in _PARTS},
+                   **{f"affinity/pairs_{p}": float(parts[f"{p}_count"].detach()) for p in _PARTS})
 
         metrics: dict[str, Any] = {}
         if step % a.log_every == 0 or step == total:
-            last_logged = window.summary()
+            last_logged = window.mean()
             for name, value in last_logged.items():
                 check_finite(name, value, step=step)
             metrics.update(last_logged)
-            window = _LogWindow()
+            window = LogWindow()
         checkpoint_dir = None
         if step % a.checkpoint_every == 0 or step == total:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": capture_rng(), "window": window.state(), "last_logged": last_logged}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            ckpts.save(step, state)
+            ckpts.save(step, training_state(step, model=model, optimizer=optimizer, scaler=scaler, window=window,
+                                            last_logged=last_logged))
             checkpoint_dir = str(ckpts.directory)
         if metrics or checkpoint_dir:
             metrics["affinity/lr"] = lr
             reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
 
-    _save_state_dict(model_path, model)
+    save_state_dict(model_path, model)
     atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": stride, **last_logged})
     return model_path
 
@@ -498,7 +448,8 @@ def train_affinity(
 
 
 @torch.no_grad()
-def _image_affinity(model: AffinityNet, image: np.ndarray, *, radius: int, amp: bool, device: torch.device) -> Tensor:
+def _image_affinity(model: AffinityNet, image: np.ndarray, *, radius: int, amp: bool, device: torch.device,
+                    channels_last: bool) -> Tensor:
     """Affinities of one image in the padded geometry.
 
     The normalised image is zero-padded at the bottom and right to a multiple of the stride, as the
@@ -512,7 +463,7 @@ def _image_affinity(model: AffinityNet, image: np.ndarray, *, radius: int, amp: 
     h, w = x.shape[-2:]
     x = F.pad(x, (0, -w % stride, 0, -h % stride))[None]
     with autocast(device, amp):
-        feats = model(_to_device(x, device, CHANNELS_LAST))
+        feats = model(to_device(x, device, channels_last))
     want = (x.shape[-2] // stride, x.shape[-1] // stride)
     if tuple(feats.shape[-2:]) != want:
         raise ValueError(f"AffinityNet features are {tuple(feats.shape[-2:])} for a padded input "
@@ -546,7 +497,7 @@ def compute_affinities(
     model = _build_model(cfg, init_state=None, pretrained="")
     model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     meta = {"radius": a.radius, "stride": model.output_stride, "geometry": _GEOMETRY,
-            "directions": len(neighbor_offsets(a.radius)), "model_sha256": _file_sha256(model_path)}
+            "directions": len(neighbor_offsets(a.radius)), "model_sha256": file_sha256(model_path)}
     meta_path = aff_dir / AFF_META_FILE
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         shutil.rmtree(aff_dir)
@@ -557,9 +508,10 @@ def compute_affinities(
     pending = [i for i in dict.fromkeys(ids) if not (aff_dir / f"{i}.npy").is_file()]
     if pending:
         layout = VOCLayout.from_config(cfg.data)
-        model = _prepare(model, device).eval()
+        model = prepare_model(model, device, a.channels_last).eval()
         for image_id in pending:
-            aff = _image_affinity(model, layout.load_image(image_id), radius=a.radius, amp=a.amp, device=device)
+            aff = _image_affinity(model, layout.load_image(image_id), radius=a.radius, amp=a.amp, device=device,
+                                  channels_last=a.channels_last)
             atomic_write_bytes(aff_dir / f"{image_id}.npy", _npy_bytes(aff.to(torch.float16).cpu().numpy()))
     return aff_dir
 

@@ -5,19 +5,22 @@ Written once here so the EPS, AffinityNet and DeepLab runners differ only in the
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from wsss_tune.utils.io import atomic_write_bytes
+from wsss_tune.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "poly_lr",
@@ -29,6 +32,18 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "StageResult",
+    "claim_folder",
+    "diff_keys",
+    "prepare_model",
+    "to_device",
+    "make_grad_scaler",
+    "save_state_dict",
+    "LogWindow",
+    "newest_checkpoint",
+    "restore_training",
+    "training_state",
+    "backward",
+    "optimizer_step",
 ]
 
 
@@ -237,3 +252,158 @@ class StageResult:
         for k, v in self.metrics.items():
             if isinstance(v, float) and math.isnan(v):
                 self.metrics[k] = float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders: one training configuration per folder
+# --------------------------------------------------------------------------------------------------
+
+
+def claim_folder(path: Path, key: Mapping[str, Any], what: str) -> None:
+    """Record ``key`` in the JSON file ``path`` or check it matches the one recorded there, so a restart
+    never resumes a folder written with other settings. ``what`` names the folder's content in the error."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if json.dumps(old, sort_keys=True, default=str) != text:
+            diff = diff_keys(old, json.loads(text))
+            raise ValueError(f"{path.parent}: holds an {what} with different settings ({diff}); "
+                             "use a fresh folder or delete it")
+        return
+    atomic_write_json(path, key)
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> str:
+    """``a.b: old -> new`` for every leaf where two nested dicts differ, comma-separated."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts = [diff_keys(old.get(k), new.get(k), f"{prefix}{k}.") for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
+        return ", ".join(parts)
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Device placement and mixed precision
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """Move ``model`` to ``device``; on CUDA with ``channels_last`` also switch its memory format
+    (NHWC convolutions on tensor cores). On the CPU the format stays contiguous."""
+    model = model.to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    """Move a batch to ``device`` (non-blocking from pinned memory), NHWC on CUDA with ``channels_last``."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler | None:
+    """A loss scaler where mixed precision runs in float16 (CUDA without bfloat16), else ``None``:
+    :func:`~wsss_tune.utils.autocast` picks bfloat16 where supported, which needs no scaling."""
+    if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """``loss.backward()``, through the scaler when there is one."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """``optimizer.step()``, through the scaler (unscale, skip on inf, update) when there is one."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def save_state_dict(path: Path, model: nn.Module) -> None:
+    """Write ``model``'s weights (CPU, contiguous) atomically: a crash leaves the old file or none."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging windows and exact resume
+# --------------------------------------------------------------------------------------------------
+
+
+class LogWindow:
+    """Running sums of named scalars between two log steps; ``mean()`` averages them.
+
+    Its state goes into every checkpoint, so a resumed run logs the same numbers as one never stopped.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, **values: float) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += 1
+
+    def mean(self) -> dict[str, float]:
+        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.sums = {k: float(v) for k, v in state["sums"].items()}
+        self.count = int(state["count"])
+
+
+def newest_checkpoint(ckpts: CheckpointManager, total: int, field: str) -> tuple[int, dict[str, Any] | None]:
+    """The step to start from and the newest checkpoint's state (``(0, None)`` for a fresh run).
+
+    Raises:
+        ValueError: the checkpoint lies past ``total`` steps (``field`` names the setting that was lowered).
+    """
+    latest = ckpts.latest()
+    if latest is None:
+        return 0, None
+    if latest[0] > total:
+        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {latest[0]}, past {field} = {total}")
+    return latest
+
+
+def training_state(step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, window: Any,
+                   last_logged: Mapping[str, float]) -> dict[str, Any]:
+    """Everything :func:`restore_training` needs to continue exactly: weights, optimiser, step, RNGs,
+    loss scaler, the open log window and the last logged values."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "rng": capture_rng(), "window": window.state(), "last_logged": dict(last_logged)}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_training(state: Mapping[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, window: Any) -> dict[str, float]:
+    """Load a :func:`training_state` into the run's objects (RNGs last) and return its last logged values.
+
+    Call it after the data loader was created: creating one draws from the global RNG, as it did at
+    step 0 of the uninterrupted run.
+    """
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    window.load(state["window"])
+    restore_rng(state["rng"])
+    return {k: float(v) for k, v in state["last_logged"].items()}

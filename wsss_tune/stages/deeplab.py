@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,21 @@ from wsss_tune.ops.seg_loss import msc_loss
 from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.stages.common import (
     CheckpointManager,
+    LogWindow,
     StageResult,
+    backward,
     build_optimizer,
-    capture_rng,
+    claim_folder,
+    make_grad_scaler,
     make_loader,
-    restore_rng,
+    newest_checkpoint,
+    optimizer_step,
+    prepare_model,
+    restore_training,
+    save_state_dict,
     set_poly_lr,
-)
-
-# Runner helpers written once in the EPS runner (candidates for stages.common).
-from wsss_tune.stages.eps import (
-    _claim_folder,
-    _needs_grad_scaler,
-    _prepare_model,
-    _save_state_dict,
-    _SeededItems,
-    _to_device,
+    to_device,
+    training_state,
 )
 from wsss_tune.stages.evaluate import miou_metrics, tune_heldout_ids
 from wsss_tune.utils import atomic_write_json, autocast, resolve_device, seed_everything
@@ -64,7 +63,6 @@ __all__ = [
     "SUMMARY_FILE",
     "PREDICTION_DIR",
     "TRAIN_HFLIP",
-    "CHANNELS_LAST",
     "INFER_FIELDS",
     "NEUTRAL_FIELDS",
     "train_key_fields",
@@ -89,9 +87,6 @@ SUMMARY_FILE = "train_summary.json"
 PREDICTION_DIR = "predictions"
 #: Horizontal flip during training: the reference (deeplab-pytorch ``VOCAug``) flips with p 0.5.
 TRAIN_HFLIP = True
-#: channels_last memory format on CUDA. Stand-in for a ``deeplab.channels_last`` field that
-#: :class:`~wsss_tune.config.DeepLabConfig` does not have yet (EPS has ``eps.channels_last``).
-CHANNELS_LAST = True
 #: DeepLabConfig fields used only at test time, never by training.
 INFER_FIELDS: tuple[str, ...] = ("test_scales", "test_flip", "crf", "save_predictions")
 #: DeepLabConfig fields that change neither the weights nor the predictions (bookkeeping only);
@@ -206,7 +201,7 @@ def load_deeplab(cfg: PipelineConfig, model_path: str | Path, *, device: torch.d
         raise ValueError(f"{model_path}: weights do not fit deeplab.arch={cfg.deeplab.arch!r}, "
                          f"backbone={cfg.deeplab.backbone!r}, msc={cfg.deeplab.msc} with "
                          f"{layout.num_classes + 1} classes ({exc})") from None
-    return _prepare_model(model, device, CHANNELS_LAST).eval()
+    return prepare_model(model, device, cfg.deeplab.channels_last).eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,8 +267,10 @@ def predict_probs(
     crf: bool,
     amp: bool,
     device: torch.device,
+    channels_last: bool = False,
 ) -> Tensor:
-    """Test-time class probabilities of one raw image (model in eval mode).
+    """Test-time class probabilities of one raw image (model in eval mode; ``channels_last``: the
+    model was prepared NHWC, so inputs on CUDA are too).
 
     :func:`multiscale_probs` at the image size, then, with ``crf``, a dense CRF with the reference
     parameters (:func:`~wsss_tune.ops.crf.dense_crf`) on the raw RGB image.
@@ -285,7 +282,7 @@ def predict_probs(
 
     def forward(batch: Tensor) -> Tensor:
         with autocast(device, amp):
-            return model(_to_device(batch, device, CHANNELS_LAST))
+            return model(to_device(batch, device, channels_last))
 
     probs = multiscale_probs(forward, x, size=tuple(image.shape[:2]), scales=test_scales, flip=test_flip)
     if crf:
@@ -306,6 +303,7 @@ def evaluate_model(
     amp: bool,
     device: torch.device,
     prediction_dir: Path | None = None,
+    channels_last: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-image confusion matrices (K x K, rows ground truth) of ``model``'s predictions on ``ids``.
 
@@ -327,7 +325,7 @@ def evaluate_model(
                 raise ValueError(f"{layout.mask_path(image_id)}: mask is {gt.shape[1]}x{gt.shape[0]} (WxH) but the "
                                  f"image {layout.image_path(image_id)} is {image.shape[1]}x{image.shape[0]}")
             probs = predict_probs(model, image, test_scales=test_scales, test_flip=test_flip, crf=crf, amp=amp,
-                                  device=device)
+                                  device=device, channels_last=channels_last)
             pred = probs.argmax(0)
             gt_t = torch.from_numpy(gt).to(pred.device, non_blocking=True)
             out[image_id] = ConfusionMatrix(num_classes=k).update(pred, gt_t).matrix
@@ -352,27 +350,6 @@ def eval_subset_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-
-
-class _LogWindow:
-    """Loss sum since the last log; saved in checkpoints so reports resume too."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.loss = 0.0
-
-    def add(self, loss: float) -> None:
-        self.steps += 1
-        self.loss += loss
-
-    def summary(self) -> dict[str, float]:
-        return {"deeplab/loss": self.loss / max(self.steps, 1)}
-
-    def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss": self.loss}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.steps, self.loss = int(state["steps"]), float(state["loss"])
 
 
 def train_deeplab(
@@ -410,41 +387,30 @@ def train_deeplab(
     train_ids = layout.split_ids(cfg.data.train_split)
     key = train_key(cfg, mask_fingerprint(layout, train_ids, mask_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_folder(out_dir / _TRAIN_KEY_FILE, key, "DeepLab training run")
+    claim_folder(out_dir / _TRAIN_KEY_FILE, key, "DeepLab training run")
     model_path = out_dir / MODEL_FILE
     if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
         return model_path
 
     transform = TrainTransform(crop_size=d.crop_size, scales=d.scales, hflip=TRAIN_HFLIP)
-    dataset = _SeededItems(SegmentationDataset(layout, train_ids, transform=transform, mask_dir=mask_dir))
+    dataset = SegmentationDataset(layout, train_ids, transform=transform, mask_dir=mask_dir)
     eval_ids = eval_subset_ids(layout, cfg) if d.eval_every > 0 else []
 
     seed_everything(cfg.run.seed)
-    model = _prepare_model(_build_model(d, layout.num_classes, pretrained=d.pretrained), device, CHANNELS_LAST)
+    model = prepare_model(_build_model(d, layout.num_classes, pretrained=d.pretrained), device, d.channels_last)
     optimizer = build_deeplab_optimizer(model, d)
-    scaler = torch.amp.GradScaler(device.type) if _needs_grad_scaler(device, d.amp) else None
+    scaler = make_grad_scaler(device, d.amp)
     ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
-    window = _LogWindow()
+    window = LogWindow()
     last_logged: dict[str, float] = {}
 
-    latest = ckpts.latest()
-    start = latest[0] if latest is not None else 0
-    if start > d.iterations:
-        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {start}, past deeplab.iterations = "
-                         f"{d.iterations}")
+    start, resume = newest_checkpoint(ckpts, d.iterations, "deeplab.iterations")
     # Created before the RNG is restored: creating the loader draws from the global RNG, as it did at
     # step 0 of the uninterrupted run. It counts micro-batches, `accumulate` per step.
     loader = make_loader(dataset, batch_size=d.batch_size, seed=cfg.run.seed, start_step=start * d.accumulate,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if latest is not None:
-        state = latest[1]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        window.load(state["window"])
-        last_logged = {k: float(v) for k, v in state["last_logged"].items()}
-        restore_rng(state["rng"])
+    if resume is not None:
+        last_logged = restore_training(resume, model=model, optimizer=optimizer, scaler=scaler, window=window)
 
     model.train()
     for step in range(start + 1, d.iterations + 1):
@@ -453,51 +419,41 @@ def train_deeplab(
         step_loss = 0.0
         for _ in range(d.accumulate):
             batch = next(loader)
-            image = _to_device(batch["image"], device, CHANNELS_LAST)
+            image = to_device(batch["image"], device, d.channels_last)
             target = batch["mask"].to(device, non_blocking=True)
             with autocast(device, d.amp):
                 outputs = model(image)
             loss = msc_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
             loss_value = loss.item()
             check_finite("deeplab/loss", loss_value * d.accumulate, step=step)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            backward(loss, scaler)
             step_loss += loss_value
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        window.add(step_loss)
+        optimizer_step(optimizer, scaler)
+        window.add(**{"deeplab/loss": step_loss})
 
         metrics: dict[str, Any] = {}
         if step % d.log_every == 0 or step == d.iterations:
-            last_logged = window.summary()
+            last_logged = window.mean()
             metrics.update(last_logged)
             metrics["deeplab/lr"] = lr
-            window = _LogWindow()
+            window = LogWindow()
         if eval_ids and step % d.eval_every == 0:
             per_image = evaluate_model(model, layout, eval_ids, test_scales=d.test_scales, test_flip=d.test_flip,
-                                       crf=False, amp=d.amp, device=device)
+                                       crf=False, amp=d.amp, device=device, channels_last=d.channels_last)
             cm = ConfusionMatrix(num_classes=layout.num_classes + 1)
             for counts in per_image.values():
                 cm.merge_matrix(counts)
             metrics["deeplab_miou_tune"] = 100.0 * cm.miou()
         checkpoint_dir = None
         if step % d.checkpoint_every == 0 or step == d.iterations:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": capture_rng(), "window": window.state(), "last_logged": last_logged}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            ckpts.save(step, state)
+            ckpts.save(step, training_state(step, model=model, optimizer=optimizer, scaler=scaler, window=window,
+                                            last_logged=last_logged))
             checkpoint_dir = str(ckpts.directory)
         if metrics or checkpoint_dir:
             metrics.setdefault("deeplab/lr", lr)
             reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
 
-    _save_state_dict(model_path, model)
+    save_state_dict(model_path, model)
     atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **last_logged})
     return model_path
 
@@ -533,7 +489,7 @@ def evaluate_deeplab(
     model = load_deeplab(cfg, model_path, device=device)
     prediction_dir = Path(out_dir) / PREDICTION_DIR if d.save_predictions and out_dir is not None else None
     return evaluate_model(model, layout, list(dict.fromkeys(ids)), test_scales=d.test_scales,
-                          test_flip=d.test_flip, crf=d.crf, amp=d.amp, device=device,
+                          test_flip=d.test_flip, crf=d.crf, amp=d.amp, device=device, channels_last=d.channels_last,
                           prediction_dir=prediction_dir)
 
 

@@ -18,7 +18,6 @@ a trained model when only inference settings change.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from wsss_tune.config import EPSConfig, PipelineConfig, to_dict
 from wsss_tune.data import (
@@ -48,14 +47,29 @@ from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.stages.common import (
     CheckpointManager,
     StageResult,
+    backward,
     build_optimizer,
-    capture_rng,
+    claim_folder,
+    make_grad_scaler,
     make_loader,
-    restore_rng,
+    newest_checkpoint,
+    optimizer_step,
+    prepare_model,
+    restore_training,
+    save_state_dict,
     set_poly_lr,
+    to_device,
+    training_state,
 )
 from wsss_tune.stages.evaluate import score_masks, tune_heldout_ids
-from wsss_tune.utils import atomic_write_bytes, atomic_write_json, autocast, resolve_device, seed_everything
+from wsss_tune.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    autocast,
+    file_sha256,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = [
     "INFER_FIELDS",
@@ -151,51 +165,6 @@ def _check_config(e: EPSConfig) -> None:
     cam_normalization(e.method)
 
 
-def _claim_folder(path: Path, key: Mapping[str, Any], what: str) -> None:
-    """Record ``key`` in ``path`` or check it matches the one recorded there (never resume across configs)."""
-    text = json.dumps(key, sort_keys=True, default=str)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if json.dumps(old, sort_keys=True, default=str) != text:
-            diff = _diff_keys(old, json.loads(text))
-            raise ValueError(f"{path.parent}: holds an {what} with different settings ({diff}); "
-                             "use a fresh folder or delete it")
-        return
-    atomic_write_json(path, key)
-
-
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        parts = [_diff_keys(old.get(k), new.get(k), f"{prefix}{k}.") for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k)]
-        return ", ".join(parts)
-    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared model helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _prepare_model(model: EPSNet, device: torch.device, channels_last: bool) -> EPSNet:
-    model = model.to(device)
-    if channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    x = x.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def _needs_grad_scaler(device: torch.device, amp: bool) -> bool:
-    # `autocast` picks bfloat16 where supported; only float16 needs loss scaling.
-    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-
-
 @torch.no_grad()
 def _predict(
     model: EPSNet,
@@ -215,7 +184,7 @@ def _predict(
 
     def forward_maps(batch: Tensor) -> Tensor:
         with autocast(device, e.amp):
-            return model.forward_maps(_to_device(batch, device, e.channels_last))
+            return model.forward_maps(to_device(batch, device, e.channels_last))
 
     cams = multiscale_cam(forward_maps, x, lab, scales=e.cam_scales, flip=e.cam_flip,
                           normalization=cam_normalization(e.method))
@@ -292,32 +261,6 @@ class _LogWindow:
         self.overlap_count = state["overlap_count"].clone()
 
 
-class _SeededItems:
-    """``__len__`` + ``get(i, rng)`` (what :func:`make_loader` needs) over a data-layer dataset whose
-    ``__getitem__`` draws its augmentation from ``dataset.rng(i)``: ``get`` lends it ``rng`` instead."""
-
-    def __init__(self, dataset: ClassificationDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        if hasattr(self.dataset, "get"):
-            return self.dataset.get(index, rng)
-        self.dataset.rng = lambda _index: rng  # instance attribute shadows the method for this call
-        try:
-            return self.dataset[index]
-        finally:
-            del self.dataset.rng
-
-
-def _save_state_dict(path: Path, model: nn.Module) -> None:
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def train_eps(
     cfg: PipelineConfig,
     *,
@@ -348,7 +291,7 @@ def train_eps(
     device = device if device is not None else resolve_device(cfg.run.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_folder(out_dir / _TRAIN_KEY_FILE, train_key(cfg), "EPS training run")
+    claim_folder(out_dir / _TRAIN_KEY_FILE, train_key(cfg), "EPS training run")
     model_path = out_dir / MODEL_FILE
     if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
         return model_path
@@ -357,8 +300,8 @@ def train_eps(
     class_names = layout.class_names
     use_saliency = e.method == "eps"
     transform = TrainTransform(resize_long=e.resize_long, hflip=TRAIN_HFLIP, jitter=e.jitter, crop_size=e.crop_size)
-    dataset = _SeededItems(ClassificationDataset(layout, layout.split_ids(cfg.data.train_split),
-                                                 transform=transform, with_saliency=use_saliency))
+    dataset = ClassificationDataset(layout, layout.split_ids(cfg.data.train_split), transform=transform,
+                                    with_saliency=use_saliency)
     eval_ids = eval_subset_ids(layout, cfg) if e.eval_every > 0 else []
     if e.eval_every > 0 and e.eval_images > 0 and not eval_ids:
         warnings.warn(f"eps.eval_every = {e.eval_every} but the tuning half of data.mask_eval_split "
@@ -366,38 +309,27 @@ def train_eps(
 
     seed_everything(cfg.run.seed)
     model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained=e.pretrained)
-    model = _prepare_model(model, device, e.channels_last)
+    model = prepare_model(model, device, e.channels_last)
     optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
                                 lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if _needs_grad_scaler(device, e.amp) else None
+    scaler = make_grad_scaler(device, e.amp)
     ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
     window = _LogWindow(layout.num_classes)
     last_logged: dict[str, float] = {}
 
-    latest = ckpts.latest()
-    start = latest[0] if latest is not None else 0
-    if start > e.iterations:
-        raise ValueError(f"{ckpts.directory}: newest checkpoint is at step {start}, past eps.iterations = "
-                         f"{e.iterations}")
+    start, resume = newest_checkpoint(ckpts, e.iterations, "eps.iterations")
     # The loader is created before the RNG is restored: creating it draws from the global RNG, as it
     # did at step 0 of the uninterrupted run.
     loader = make_loader(dataset, batch_size=e.batch_size, seed=cfg.run.seed, start_step=start,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if latest is not None:
-        state = latest[1]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        window.load(state["window"])
-        last_logged = {k: float(v) for k, v in state["last_logged"].items()}
-        restore_rng(state["rng"])
+    if resume is not None:
+        last_logged = restore_training(resume, model=model, optimizer=optimizer, scaler=scaler, window=window)
 
     model.train()
     for step in range(start + 1, e.iterations + 1):
         batch = next(loader)
         lr = set_poly_lr(optimizer, e.lr, step - 1, e.iterations, e.poly_power)
-        image = _to_device(batch["image"], device, e.channels_last)
+        image = to_device(batch["image"], device, e.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, e.amp):
             image_logits, maps = model(image)
@@ -412,13 +344,8 @@ def train_eps(
         loss_value = loss.item()
         check_finite("eps/loss", loss_value, step=step)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward(loss, scaler)
+        optimizer_step(optimizer, scaler)
         window.add(loss_value, cls.item(), sal.item() if sal is not None else 0.0, overlap, labels)
 
         metrics: dict[str, Any] = {}
@@ -433,17 +360,14 @@ def train_eps(
             metrics["eps_miou_tune"] = _evaluate(model, layout, eval_ids, e=e, device=device)
         checkpoint_dir = None
         if step % e.checkpoint_every == 0 or step == e.iterations:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": capture_rng(), "window": window.state(), "last_logged": last_logged}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            ckpts.save(step, state)
+            ckpts.save(step, training_state(step, model=model, optimizer=optimizer, scaler=scaler, window=window,
+                                            last_logged=last_logged))
             checkpoint_dir = str(ckpts.directory)
         if metrics or checkpoint_dir:
             metrics.setdefault("eps/lr", lr)
             reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
 
-    _save_state_dict(model_path, model)
+    save_state_dict(model_path, model)
     atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **last_logged})
     return model_path
 
@@ -451,14 +375,6 @@ def train_eps(
 # --------------------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------------------
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_cams(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -522,14 +438,14 @@ def infer_eps(
         raise FileNotFoundError(f"{model_path}: EPS model not found (train it with train_eps first)")
     cam_dir, mask_dir = out_dir / "cams", out_dir / "masks"
     key = {**{k: v for k, v in to_dict(e).items() if k in INFER_FIELDS}, "method": e.method,
-           "model_sha256": _file_sha256(model_path)}
+           "model_sha256": file_sha256(model_path)}
     key_path = out_dir / _INFER_KEY_FILE
     if key_path.is_file() and json.loads(key_path.read_text()) != json.loads(json.dumps(key)):
         key_path.unlink()
         shutil.rmtree(cam_dir, ignore_errors=True)
         shutil.rmtree(mask_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_folder(key_path, key, "EPS inference output")
+    claim_folder(key_path, key, "EPS inference output")
 
     pending = [i for i in dict.fromkeys(ids)
                if not ((cam_dir / f"{i}.npz").is_file() and (mask_dir / f"{i}.png").is_file())]
@@ -537,7 +453,7 @@ def infer_eps(
         layout = VOCLayout.from_config(cfg.data)
         model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained="")
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-        model = _prepare_model(model, device, e.channels_last).eval()
+        model = prepare_model(model, device, e.channels_last).eval()
         for image_id in pending:
             labels = layout.image_labels(image_id)
             cams, mask = _predict(model, layout.load_image(image_id), labels, e=e, device=device)

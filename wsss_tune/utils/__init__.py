@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from wsss_tune.utils.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from wsss_tune.utils.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+)
 
 __all__ = [
     "atomic_dir",
@@ -16,6 +22,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "autocast",
+    "file_sha256",
     "resolve_device",
     "seed_everything",
 ]

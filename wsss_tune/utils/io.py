@@ -1,8 +1,9 @@
-"""Atomic writes: a reader never sees a half-written file or folder."""
+"""Atomic writes (a reader never sees a half-written file or folder) and file checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -60,3 +61,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: str | Path, *, chunk: int = 8 * 1024 * 1024) -> str:
+    """SHA-256 hex digest of a file, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
