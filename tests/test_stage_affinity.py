@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from wsss_tune.config import PipelineConfig, load_config
-from wsss_tune.data import VOCLayout, generate_synthetic_voc, save_mask_png
+from wsss_tune.data import VOCLayout, save_mask_png
 from wsss_tune.models.eps_net import build_eps_net
 from wsss_tune.ops.affinity import affinity_from_features
 from wsss_tune.ops.cam import cam_to_mask
 from wsss_tune.reporting import RecordingReporter
-from wsss_tune.stages.common import StageResult
 from wsss_tune.stages.affinity import (
     AFF_META_FILE,
     DualThresholdLabels,
@@ -32,6 +31,7 @@ from wsss_tune.stages.affinity import (
     rw_t_values,
     train_affinity,
 )
+from wsss_tune.stages.common import StageResult
 from wsss_tune.utils import atomic_write_bytes
 
 #: Tiny settings: 48 px crops (12 x 12 features at the tiny backbone's stride 4, enough for radius 5,
