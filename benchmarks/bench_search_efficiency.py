@@ -8,6 +8,12 @@ Two objectives, each labelled in its rows:
   call over one artifact store: EPS and AffinityNet are trained once and served from the cache, a
   trial costs one random walk. Compute = the walk stage's measured seconds. The space has no
   fidelity (one pass of the walk yields every t), so this row compares TPE with random search only.
+* ``real: synth_deeplab`` - the shipped ``synth_deeplab`` space (DeepLab lr, head weight and bias
+  multipliers) on the same dataset and store, with its fidelity: every trial trains DeepLab on the
+  cached refined masks and reports ``deeplab_miou_tune`` at DeepLab steps 100, 200 and 300 (the
+  space's ``eval_every``); TPE runs with ASHA (Optuna's ``SuccessiveHalvingPruner``, grace and
+  reduction factor from the space) and random search runs every trial to the end. Compute = DeepLab
+  training steps.
 * ``surrogate (not a pipeline)`` - a labelled stand-in with a fidelity: three parameters in the
   synth pipeline's ranges, a smooth optimum, learning curves that rise with the training steps and
   seeded noise; compute = training steps. Here TPE runs with ASHA (Optuna's
@@ -65,6 +71,10 @@ _SURROGATE_REFERENCE = {"deeplab.lr": 1e-3, "deeplab.head_lr_mult": 10.0, "eps.t
 RW_PRESET = "tiny"
 #: Quick runs shrink the shared EPS / AffinityNet training of the real objective (built once).
 _QUICK_OVERRIDES = {"eps.iterations": 100, "eps.eval_every": 0, "affinity.iterations": 60}
+#: DeepLab objective: single-scale evaluation keeps a trial at seconds on the tiny preset (the search
+#: compares learning rates; the test-time augmentation adds the same to every trial).
+_DEEPLAB_OVERRIDES = {"deeplab.test_scales": [1.0], "deeplab.test_flip": False}
+DEEPLAB_SEEDS_QUICK, DEEPLAB_SEEDS_FULL = (0,), (0, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +207,77 @@ def _rw_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, Any, 
     return history
 
 
+class _Pruned(Exception):
+    """Raised from the reporter when ASHA stops a trial (ends the pipeline run mid-stage)."""
+
+
+class _RungReporter:
+    """Hands the space's metric to an Optuna trial at each of the stage's reports and stops the run
+    when the pruner says so; remembers the values (a cache hit reports none: they are replayed)."""
+
+    def __init__(self, trial: Any, *, stage: str, metric: str, max_t: int, prune: bool) -> None:
+        self.trial, self.stage, self.metric, self.max_t, self.prune = trial, stage, metric, max_t, prune
+        self.values: list[tuple[int, float]] = []
+
+    def report(self, metrics: Any, *, step: int, checkpoint_dir: str | None = None) -> None:
+        if metrics.get("stage") != self.stage or self.metric not in metrics:
+            return
+        at = int(metrics["stage_step"])
+        if at >= self.max_t or any(s == at for s, _ in self.values):
+            return
+        self.values.append((at, float(metrics[self.metric])))
+        self.step(at, float(metrics[self.metric]))
+
+    def step(self, at: int, value: float) -> None:
+        self.trial.report(value, at)
+        if self.prune and self.trial.should_prune():
+            raise _Pruned(at)
+
+
+def _deeplab_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, Any, dict[str, Any], float],
+                 root: Path, memo: dict[tuple, list[tuple[int, float]]]) -> list[tuple[float, float | None]]:
+    import optuna
+
+    from wsss_tune.config import apply_overrides
+    from wsss_tune.spaces import load_space
+    from wsss_tune.stages.pipeline import run_pipeline
+
+    _, cfg, store, _, _ = setup
+    space = load_space("synth_deeplab")
+    f = space.fidelity
+    dists = _distributions(space)
+    sampler = optuna.samplers.TPESampler(seed=seed) if tpe else optuna.samplers.RandomSampler(seed=seed)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=f.grace_period, reduction_factor=f.reduction_factor)
+              if tpe else optuna.pruners.NopPruner())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    study.enqueue_trial(space.reference_point())
+    history: list[tuple[float, float | None]] = []
+    spent = 0.0
+    while spent < budget:
+        trial = study.ask(dists)
+        key = tuple(sorted(trial.params.items()))
+        reporter = _RungReporter(trial, stage="deeplab", metric=space.metric, max_t=f.max_t, prune=tpe)
+        out = root / "runs" / f"dl_{'tpe' if tpe else 'random'}{seed}_{trial.number}"
+        try:
+            if key in memo:  # this arm asks for a point already trained: replay its curve
+                for at, v in memo[key]:
+                    reporter.step(at, v)
+            m = run_pipeline(apply_overrides(cfg, {**_DEEPLAB_OVERRIDES, **trial.params}), stages=space.stages,
+                             out_dir=out, reporter=reporter, store=store)
+        except _Pruned as stop:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            history.append((float(stop.args[0]), None))
+            spent += stop.args[0]
+            continue
+        memo.setdefault(key, reporter.values)
+        value = float(m[space.metric])
+        study.tell(trial, value)
+        history.append((float(f.max_t), value))
+        spent += f.max_t
+    return history
+
+
 def _distributions(space: Any) -> dict[str, Any]:
     """Optuna distributions of a search space (the sweep's conversion; it lives with the trainables)."""
     from wsss_tune.trainables.search import optuna_distributions
@@ -259,4 +340,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
         rw_seeds = RW_SEEDS_QUICK if quick else RW_SEEDS_FULL
         rows += _compare("real: synth_rw (no fidelity: TPE vs random)", "walk seconds", rw_seeds, budget * walk_s,
                          lambda s, b, tpe: _rw_arm(s, b, tpe=tpe, setup=setup, root=root))
+        from wsss_tune.spaces import load_space
+
+        max_t = load_space("synth_deeplab").fidelity.max_t
+        memo: dict[tuple, list[tuple[int, float]]] = {}
+        dl_seeds = DEEPLAB_SEEDS_QUICK if quick else DEEPLAB_SEEDS_FULL
+        rows += _compare("real: synth_deeplab (TPE+ASHA vs random)", "DeepLab steps", dl_seeds, float(budget * max_t),
+                         lambda s, b, tpe: _deeplab_arm(s, b, tpe=tpe, setup=setup, root=root, memo=memo))
     return rows
