@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from stage_helpers import CrashingReporter, Interrupt
 
 from wsss_tune.config import PipelineConfig, load_config
 from wsss_tune.data import VOCLayout, save_mask_png
@@ -203,21 +204,6 @@ def test_bad_crop_for_the_stride_is_rejected(synth_root: Path, fake_eps: Path, t
         train_affinity(cfg, eps_dir=fake_eps, out_dir=tmp_path, reporter=RecordingReporter())
 
 
-class Interrupt(Exception):
-    """Stands in for a killed process."""
-
-
-class CrashingReporter(RecordingReporter):
-    """Records reports and raises :class:`Interrupt` after the one at step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at = at
-
-    def report(self, metrics: Any, *, step: int, checkpoint_dir: str | None = None) -> None:
-        super().report(metrics, step=step, checkpoint_dir=checkpoint_dir)
-        if step == self.at:
-            raise Interrupt(f"interrupted at step {step}")
 
 
 def test_resume_gives_the_uninterrupted_weights(synth_root: Path, fake_eps: Path, tmp_path: Path) -> None:

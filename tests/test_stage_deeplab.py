@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy import ndimage
+from stage_helpers import CrashingReporter, Interrupt, logged
 from torch import Tensor, nn
 
 from wsss_tune.config import DeepLabConfig, PipelineConfig, apply_overrides, load_config
@@ -70,26 +71,6 @@ def read_state(path: Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class Interrupt(Exception):
-    """Stands in for a killed process."""
-
-
-class CrashingReporter(RecordingReporter):
-    """Records reports and raises :class:`Interrupt` after recording the one at step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at = at
-
-    def report(self, metrics: Any, *, step: int, checkpoint_dir: str | None = None) -> None:
-        super().report(metrics, step=step, checkpoint_dir=checkpoint_dir)
-        if step == self.at:
-            raise Interrupt(f"interrupted at step {step}")
-
-
-def logged(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The loss reports, without the checkpoint folder (which differs between runs)."""
-    return [{k: v for k, v in h.items() if k != "checkpoint_dir"} for h in history if "deeplab/loss" in h]
 
 
 class FixedLogits(nn.Module):
@@ -278,7 +259,7 @@ def test_one_training_step_reports_a_finite_loss_and_changes_the_weights(synth_r
     path = train_deeplab(cfg, mask_dir=gt_dir(synth_root), out_dir=tmp_path, reporter=rep, device=CPU)
 
     assert path == tmp_path / MODEL_FILE and (tmp_path / SUMMARY_FILE).is_file()
-    (log,) = logged(rep.history)
+    (log,) = logged(rep.history, "deeplab/loss")
     assert log["step"] == 1 and math.isfinite(log["deeplab/loss"]) and log["deeplab/loss"] > 0
     assert log["deeplab/lr"] == pytest.approx(cfg.deeplab.lr)  # poly factor 1 at the first step
     torch.manual_seed(cfg.run.seed)
@@ -332,8 +313,8 @@ def test_resume_after_an_interruption_gives_the_same_weights(synth_root, tmp_pat
     rest = RecordingReporter()
     train_deeplab(cfg, mask_dir=masks, out_dir=tmp_path / "resumed", reporter=rest, device=CPU)
 
-    assert [h["step"] for h in logged(rest.history)] == [3, 4]
-    assert logged(crash.history + rest.history) == logged(full.history)
+    assert [h["step"] for h in logged(rest.history, "deeplab/loss")] == [3, 4]
+    assert logged(crash.history + rest.history, "deeplab/loss") == logged(full.history, "deeplab/loss")
     a, b = read_state(tmp_path / "full" / MODEL_FILE), read_state(tmp_path / "resumed" / MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = RecordingReporter()  # a finished folder is returned as is

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from stage_helpers import CrashingReporter, Interrupt, logged
 
 from wsss_tune.config import EPSConfig, PipelineConfig, apply_overrides, load_config
 from wsss_tune.data import DataError, VOCLayout, generate_synthetic_voc
@@ -55,26 +56,6 @@ def tiny_cfg(root: Path, **overrides: Any) -> PipelineConfig:
     return load_config("synth", {**TINY, "data.root": str(root), **extra})
 
 
-class Interrupt(Exception):
-    """Stands in for a killed process."""
-
-
-class CrashingReporter(RecordingReporter):
-    """Records reports and raises :class:`Interrupt` after recording the one at step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at = at
-
-    def report(self, metrics: Any, *, step: int, checkpoint_dir: str | None = None) -> None:
-        super().report(metrics, step=step, checkpoint_dir=checkpoint_dir)
-        if step == self.at:
-            raise Interrupt(f"interrupted at step {step}")
-
-
-def logged(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The log reports (losses, LR, overlap), without the run-specific checkpoint folder."""
-    return [{k: v for k, v in h.items() if k != "checkpoint_dir"} for h in history if "eps/loss" in h]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +122,7 @@ def test_train_changes_weights_and_reports_finite_losses(synth_root, tmp_path):
     assert not torch.equal(final["head.weight"], init["head.weight"])
     assert sum(not torch.equal(final[k], init[k]) for k in init) > len(init) // 2
 
-    logs = logged(rec.history)
+    logs = logged(rec.history, "eps/loss")
     assert [h["step"] for h in logs] == [1, 2]
     assert logs[0]["eps/lr"] == pytest.approx(cfg.eps.lr)
     assert logs[1]["eps/lr"] == pytest.approx(cfg.eps.lr * 0.5**0.9)
@@ -173,8 +154,8 @@ def test_resumed_run_ends_with_identical_weights(synth_root, tmp_path, optimizer
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["step"] for h in logged(again.history)] == [3, 4, 5, 6]
-    assert logged(again.history) == logged(full.history)[2:]
+    assert [h["step"] for h in logged(again.history, "eps/loss")] == [3, 4, 5, 6]
+    assert logged(again.history, "eps/loss") == logged(full.history, "eps/loss")[2:]
 
 
 def test_finished_folder_is_reused_and_other_settings_are_refused(synth_root, tmp_path):
@@ -194,7 +175,7 @@ def test_cam_method_trains_on_the_classification_loss_only(synth_root, tmp_path)
     cfg = tiny_cfg(synth_root, eps__iterations=2, eps__method="cam", data__saliency_dir="no_such_folder")
     rec = RecordingReporter()
     train_eps(cfg, out_dir=tmp_path / "cam", reporter=rec)
-    for h in logged(rec.history):
+    for h in logged(rec.history, "eps/loss"):
         assert h["eps/loss"] == h["eps/loss_cls"]
         assert "eps/loss_sal" not in h and not any(k.startswith("eps/overlap/") for k in h)
     with pytest.raises(DataError, match="no_such_folder"):
