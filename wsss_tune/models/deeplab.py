@@ -170,7 +170,23 @@ class LargeFOVHead(nn.Module):
         return self.fc8(x)
 
 
-class DeepLab(nn.Module):
+class _ParamGroups:
+    """``param_groups`` of a DeepLab model: the optimiser groups of :func:`deeplab_param_groups`."""
+
+    def param_groups(
+        self,
+        lr: float,
+        *,
+        head_lr_mult: float = HEAD_LR_MULT,
+        head_bias_lr_mult: float = HEAD_BIAS_LR_MULT,
+        weight_decay: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups of :func:`deeplab_param_groups`."""
+        return deeplab_param_groups(self, lr=lr, head_lr_mult=head_lr_mult, head_bias_lr_mult=head_bias_lr_mult,
+                                    weight_decay=weight_decay)
+
+
+class DeepLab(_ParamGroups, nn.Module):
     """Backbone + segmentation head on the backbone's last map.
 
     Args:
@@ -207,20 +223,9 @@ class DeepLab(nn.Module):
         """Logits at the output stride (see class docstring for shapes)."""
         return self.head(self.backbone(x)[-1])
 
-    def param_groups(
-        self,
-        lr: float,
-        *,
-        head_lr_mult: float = HEAD_LR_MULT,
-        head_bias_lr_mult: float = HEAD_BIAS_LR_MULT,
-        weight_decay: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        """Optimizer groups of :func:`deeplab_param_groups`."""
-        return deeplab_param_groups(self, lr=lr, head_lr_mult=head_lr_mult, head_bias_lr_mult=head_bias_lr_mult,
-                                    weight_decay=weight_decay)
 
 
-class MSC(nn.Module):
+class MSC(_ParamGroups, nn.Module):
     """Multi-scale inputs (deeplab-pytorch ``MSC``): full image plus ``scales``, max-fused.
 
     Each scaled input is ``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)``
@@ -265,17 +270,6 @@ class MSC(nn.Module):
             return [logits, *pyramid, fused]
         return fused
 
-    def param_groups(
-        self,
-        lr: float,
-        *,
-        head_lr_mult: float = HEAD_LR_MULT,
-        head_bias_lr_mult: float = HEAD_BIAS_LR_MULT,
-        weight_decay: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        """Optimizer groups of :func:`deeplab_param_groups`."""
-        return deeplab_param_groups(self, lr=lr, head_lr_mult=head_lr_mult, head_bias_lr_mult=head_bias_lr_mult,
-                                    weight_decay=weight_decay)
 
 
 def _unwrap(model: nn.Module) -> DeepLab:
