@@ -220,7 +220,8 @@ class _RungReporter:
         self.values: list[tuple[int, float]] = []
 
     def report(self, metrics: Any, *, step: int, checkpoint_dir: str | None = None) -> None:
-        if metrics.get("stage") != self.stage or self.metric not in metrics:
+        # A cache hit reports the stage's final metrics without a step: its curve is replayed instead.
+        if metrics.get("stage") != self.stage or self.metric not in metrics or "stage_step" not in metrics:
             return
         at = int(metrics["stage_step"])
         if at >= self.max_t or any(s == at for s, _ in self.values):
