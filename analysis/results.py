@@ -75,7 +75,7 @@ _TRIAL_COLUMNS = ("trial_id", "status", "error", "reference", "run_dir", "report
 #: Optuna and JSON exactly, so this only absorbs representation noise).
 _REF_REL_TOL = 1e-9
 #: Stages and the metric prefix of their mask quality, in pipeline order (``stage_miou_rows``).
-_STAGE_PREFIXES = (("EPS", "eps"), ("refined", "rw"), ("DeepLab", "deeplab"))
+_STAGE_PREFIXES = (("CAM", "cam"), ("EPS", "eps"), ("refined", "rw"), ("DeepLab", "deeplab"))
 
 
 def heldout_metric_name(metric: str) -> str:
@@ -363,7 +363,7 @@ def load_experiment(path: str | Path) -> ExperimentResult:
 
 def stage_miou_rows(result: ExperimentResult) -> list[dict[str, Any]]:
     """Per-stage mask quality of the reference and the best trial: one row each, with
-    ``<stage> tune`` / ``<stage> held-out`` columns for EPS, refined (random walk) and DeepLab
+    ``<stage> tune`` / ``<stage> held-out`` columns for CAM (``run.cam_baseline``), EPS, refined (random walk) and DeepLab
     (a stage a sweep did not run has no columns)."""
     rows = []
     for label, trial in (("reference", result.reference), ("best", result.best)):

@@ -326,12 +326,15 @@ def test_resume_after_the_driver_is_killed(ray_cluster: None, synth_root: Path, 
 def test_demo_prints_stage_table_and_exports(ray_cluster: None, synth_root: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """``demo`` on an existing dataset folder (used as it is), 2 trials of synth_pipeline: a table
-    of EPS, refined and DeepLab mIoU for the reference and the best config, and the exported best
-    config; the results are complete."""
+    of CAM (the shared baseline, built once), EPS, refined and DeepLab mIoU for the reference and the
+    best config, and the exported best config; the results are complete."""
     result = demo(data=synth_root, storage=tmp_path, trials=2, wandb="off", overrides=SMOKE_OVERRIDES,
                   progress="off")
     out = capsys.readouterr().out
     assert result.complete and result.best is not None, [t.error for t in result.trials]
-    for text in ("mask quality", "EPS tune", "refined held-out", "DeepLab tune", "reference", "best config:"):
+    for text in ("mask quality", "CAM tune", "EPS tune", "refined held-out", "DeepLab tune", "reference",
+                 "best config:"):
         assert text in out, text
+    assert all(t.value("cam_miou_tune") is not None for t in result.trials if t.status == "completed")
+    assert sum(t.metrics.get("built/cam_model", 0) for t in result.trials) <= 1
     assert (result.path / "best_config.yaml").is_file()

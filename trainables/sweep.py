@@ -702,8 +702,9 @@ def demo(
 
     Generates the synthetic dataset (preset ``default``) in ``data`` if that folder is missing (an
     existing folder is used as it is), runs ``trials`` trials of the
-    ``synth_pipeline`` space (reference setting first, artifact cache on), prints the EPS, refined
-    and DeepLab mIoU (tune and held-out halves) of the reference and the best config, exports the
+    ``synth_pipeline`` space (reference setting first, artifact cache on, ``run.cam_baseline`` on),
+    prints the CAM, EPS, refined and DeepLab mIoU (tune and held-out halves) of the reference and the
+    best config, exports the
     best config and says where the W&B runs, parquet files and best config are.
     """
     from wsss_tune.data.synth import generate_synthetic_voc
@@ -711,6 +712,8 @@ def demo(
     root = Path(data).expanduser().resolve()
     if not root.exists():
         generate_synthetic_voc(root, preset=DEMO_PRESET, seed=0)
+    # The CAM baseline gives the table its first column (one more EPS training, shared by all trials).
+    overrides = {"run.cam_baseline": True, **(overrides or {})}
     result = run_sweep("synth_pipeline", data=root, trials=trials, storage=storage, wandb=wandb, seed=seed,
                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, overrides=overrides,
                        progress=progress, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -220,6 +220,10 @@ class RunConfig:
     artifact_store: str = ""
     #: Keep at most this many training checkpoints per stage run.
     keep_checkpoints: int = 2
+    #: Also run the plain-CAM baseline (``eps.method: cam``, every other EPS setting the same) with the
+    #: EPS stage and report its pseudo masks as ``cam_miou*``. Cached: its key ignores tau and lam, so
+    #: a sweep trains it once. Costs one more EPS training; the stage table's CAM row comes from it.
+    cam_baseline: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ from wsss_tune.utils import (
 )
 
 __all__ = [
+    "SALIENCY_FIELDS",
     "INFER_FIELDS",
     "NEUTRAL_FIELDS",
     "MODEL_FILE",
@@ -94,6 +95,8 @@ NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "ch
 #: DataConfig fields that decide what training sees (``num_workers`` does not: augmentation is seeded
 #: per sample; ``mask_eval_split`` only feeds the periodic evaluation).
 _DATA_TRAIN_FIELDS: tuple[str, ...] = ("root", "image_dir", "saliency_dir", "label_source", "train_split")
+#: EPSConfig fields only the saliency loss reads: they do not change a ``method: cam`` model.
+SALIENCY_FIELDS: tuple[str, ...] = ("tau", "lam")
 #: Horizontal flip during training: the reference always flips.
 TRAIN_HFLIP = True
 #: Final weights of a training run (an ``EPSNet`` state dict, backbone keys ``backbone.*``).
@@ -126,8 +129,8 @@ def train_key(cfg: PipelineConfig) -> dict[str, Any]:
     """
     eps = {k: v for k, v in to_dict(cfg.eps).items() if k in train_key_fields()}
     if cfg.eps.method == "cam":
-        eps.pop("tau")
-        eps.pop("lam")
+        for name in SALIENCY_FIELDS:
+            eps.pop(name)
     data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
     return {"eps": eps, "data": data, "seed": cfg.run.seed}
 

@@ -17,6 +17,10 @@ stage           key parts                                        contents
 ``rw``          ``affinity`` key, rw section                      ``masks/`` (refined masks)
 ``deeplab``     mask-source key, DeepLab fields, seed            ``model.pt``
 ==============  ===============================================  =====================================
+
+With ``run.cam_baseline`` the EPS stage also builds the plain-CAM baseline (``eps.method: cam``) as
+``eps_model`` + ``eps`` artifacts of its own (keys without tau and lam, so every trial of a sweep shares
+them) after the requested stages, without reporting to the scheduler; its scores are ``cam_miou*``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wsss_tune.config import PipelineConfig, config_hash, dump_yaml, to_dict
-from wsss_tune.reporting import ConsoleReporter, Reporter
+from wsss_tune.config import PipelineConfig, apply_overrides, config_hash, dump_yaml, to_dict
+from wsss_tune.reporting import ConsoleReporter, NullReporter, Reporter
 from wsss_tune.utils.io import atomic_write_json
 
 __all__ = ["STAGES", "parse_stages", "run_pipeline", "PipelineRun", "stage_key_parts"]
@@ -63,9 +67,11 @@ def stage_key_parts(cfg: PipelineConfig, fingerprint: str) -> dict[str, tuple[An
     from wsss_tune.stages import eps as eps_stage
 
     data = _fields(cfg.data, drop=("num_workers", "tune_split", "heldout_split"))
-    eps_infer = set(eps_stage.INFER_FIELDS)
+    eps_infer = tuple(eps_stage.INFER_FIELDS)
+    # A plain-CAM model has no saliency loss: tau and lam do not change it (the CAM baseline is shared).
+    eps_train_drop = eps_infer + (eps_stage.SALIENCY_FIELDS if cfg.eps.method == "cam" else ())
     return {
-        "eps_model": ("eps_model", fingerprint, cfg.run.seed, data, _fields(cfg.eps, drop=tuple(eps_infer))),
+        "eps_model": ("eps_model", fingerprint, cfg.run.seed, data, _fields(cfg.eps, drop=eps_train_drop)),
         "eps": ("eps", _fields(cfg.eps, only=tuple(eps_infer))),
         "affinity": ("affinity", cfg.run.seed, _fields(cfg.affinity)),
         "rw": ("rw", _fields(cfg.rw)),
@@ -112,6 +118,7 @@ class PipelineRun:
         self.fingerprint = self.layout.fingerprint(splits)
         self.parts = stage_key_parts(cfg, self.fingerprint)
         self.metrics: dict[str, Any] = {}
+        self.side_metrics: dict[str, dict[str, Any]] = {}
         self.stage_info: dict[str, dict[str, Any]] = {}
         self._offset = 0
 
@@ -120,13 +127,19 @@ class PipelineRun:
     def _work_dir(self, key: Any) -> Path:
         return self.store.work_dir(key)
 
-    def _artifact(self, name: str, key: Any, build: Callable[[Path, Reporter], dict[str, Any] | None]) -> Path:
-        rep = _StageReporter(self.reporter, name, self._offset)
+    def _artifact(self, name: str, key: Any, build: Callable[[Path, Reporter], dict[str, Any] | None], *,
+                  quiet: bool = False) -> Path:
+        """Get or build one artifact; its metrics join the run's. ``quiet``: a side artifact (the CAM
+        baseline) that reports nothing to the scheduler, adds no fidelity and keeps its metrics apart."""
+        rep = _StageReporter(NullReporter() if quiet else self.reporter, name, self._offset)
         t0 = time.time()
         art = self.store.get_or_create(key, lambda tmp: build(Path(tmp), rep) or {})
         stage_metrics = dict(art.metadata or {})
         self.stage_info[name] = {"key": str(key), "hit": bool(art.hit), "path": str(art.path),
                                  "seconds": round(time.time() - t0, 2), "build_seconds": art.build_seconds}
+        if quiet:
+            self.side_metrics[name] = stage_metrics
+            return Path(art.path)
         self.metrics.update(stage_metrics)
         self._offset += max(rep.last_step, 1)
         if art.hit and stage_metrics:
@@ -138,12 +151,28 @@ class PipelineRun:
     # -- stages ------------------------------------------------------------------------------------
 
     def eps(self) -> Path:
+        model_key, model_dir, key, eps_dir = self._eps_artifacts(self.cfg, names=("eps_model", "eps"), quiet=False)
+        self.keys = {"eps_model": model_key, "eps": key}
+        self.eps_model_path = model_dir / "model.pt"
+        return eps_dir
+
+    def cam_baseline(self) -> None:
+        """The plain-CAM baseline of this config's EPS stage; its pseudo-mask scores become ``cam_*``."""
+        if self.cfg.eps.method == "cam":
+            self.metrics.update({"cam" + k[3:]: v for k, v in self.metrics.items() if k.startswith("eps_miou")})
+            return
+        cam_cfg = apply_overrides(self.cfg, {"eps.method": "cam"})
+        self._eps_artifacts(cam_cfg, names=("cam_model", "cam"), quiet=True)
+        self.metrics.update({"cam" + k[3:]: v for k, v in self.side_metrics["cam"].items() if k.startswith("eps_miou")})
+
+    def _eps_artifacts(self, cfg: PipelineConfig, *, names: tuple[str, str], quiet: bool) -> tuple[Any, Path, Any, Path]:
+        """EPS training and inference artifacts of ``cfg``: (model key, model folder, key, CAM/mask folder)."""
         from wsss_tune.stages import eps as eps_stage
         from wsss_tune.stages.evaluate import score_masks
 
-        cfg, data = self.cfg, self.cfg.data
-        model_key = self.store.key("eps_model", *self.parts["eps_model"])
-        self.keys = {"eps_model": model_key}
+        data = cfg.data
+        parts = self.parts if cfg is self.cfg else stage_key_parts(cfg, self.fingerprint)
+        model_key = self.store.key("eps_model", *parts["eps_model"])
 
         def build_model(tmp: Path, rep: Reporter) -> dict[str, Any]:
             work = self._work_dir(model_key)
@@ -151,10 +180,8 @@ class PipelineRun:
             shutil.copy2(model, tmp / "model.pt")
             return {}
 
-        model_dir = self._artifact("eps_model", model_key, build_model)
-        self.eps_model_path = model_dir / "model.pt"
-        key = self.store.key("eps", str(model_key), *self.parts["eps"])
-        self.keys["eps"] = key
+        model_dir = self._artifact(names[0], model_key, build_model, quiet=quiet)
+        key = self.store.key("eps", str(model_key), *parts["eps"])
 
         def build(tmp: Path, rep: Reporter) -> dict[str, Any]:
             ids = sorted(set(self.layout.split_ids(data.train_split)) | set(self.layout.split_ids(data.mask_eval_split)))
@@ -164,7 +191,7 @@ class PipelineRun:
             out["eps_method"] = cfg.eps.method
             return out
 
-        return self._artifact("eps", key, build)
+        return model_key, model_dir, key, self._artifact(names[1], key, build, quiet=quiet)
 
     def affinity(self, eps_dir: Path) -> Path:
         from wsss_tune.stages import affinity as aff_stage
@@ -240,6 +267,8 @@ class PipelineRun:
         if "deeplab" in stages:
             mask_dir, mask_key = self._mask_source(eps_dir, rw_dir)
             self.deeplab(mask_dir, mask_key)
+        if self.cfg.run.cam_baseline and "eps" in stages:
+            self.cam_baseline()
         result = {**self.metrics, "stages": self.stage_info, "fingerprint": self.fingerprint}
         atomic_write_json(self.out_dir / "metrics.json", result)
         return result
