@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from wsss_tune.analysis.export import best_config
 from wsss_tune.analysis.report import markdown_table
 from wsss_tune.analysis.results import ExperimentResult, load_experiment
 from wsss_tune.analysis.tables import Table, stage_table
-
 from wsss_tune.config import to_dict
 from wsss_tune.utils.io import atomic_write_text
 

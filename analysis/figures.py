@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
 from wsss_tune.analysis.results import ExperimentResult, TrialRecord
 from wsss_tune.analysis.tables import Table, cam_baseline, fidelity_attr
 

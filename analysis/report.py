@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from wsss_tune.analysis.figures import (
     DEFAULT_QUALITATIVE_IMAGES,
     QualitativeData,
@@ -28,7 +29,6 @@ from wsss_tune.analysis.figures import (
 )
 from wsss_tune.analysis.results import ExperimentResult, load_experiment
 from wsss_tune.analysis.tables import Table, experiment_tables
-
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from wsss_tune.analysis.results import ExperimentResult, TrialRecord, stage_miou_rows
 
 __all__ = [

@@ -56,9 +56,9 @@ def _totals(result: Any) -> dict[str, Any]:
 
 def run(quick: bool) -> list[dict]:
     import ray
-    from wsss_tune.trainables import SETTINGS_KEY, SMOKE_OVERRIDES, plan_sweep, run_trial
 
     from wsss_tune.data.synth import generate_synthetic_voc
+    from wsss_tune.trainables import SETTINGS_KEY, SMOKE_OVERRIDES, plan_sweep, run_trial
 
     trials = QUICK_TRIALS if quick else TRIALS
     overrides = dict(SMOKE_OVERRIDES) if quick else {**SMOKE_OVERRIDES, **FULL_STEPS}

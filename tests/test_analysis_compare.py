@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from test_analysis_data import TRIALS, make_experiment
+
 from wsss_tune.analysis.compare import compare_experiments, config_diff, flatten_config, format_comparison
 
 

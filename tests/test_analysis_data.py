@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from wsss_tune.analysis.results import TrialRecord, load_experiment, write_experiment
 
+from wsss_tune.analysis.results import TrialRecord, load_experiment, write_experiment
 from wsss_tune.config import load_config, to_dict
 from wsss_tune.data import VOCLayout, save_mask_png
 

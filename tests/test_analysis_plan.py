@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from wsss_tune.analysis.plan import (
     DatasetSizes,
     StageTimings,
@@ -19,7 +20,6 @@ from wsss_tune.analysis.plan import (
     param_cardinality,
     time_stages,
 )
-
 from wsss_tune.config import load_config
 from wsss_tune.spaces import Fidelity, Param, SearchSpace, load_space
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from test_analysis_data import make_experiment
+
 from wsss_tune.analysis.figures import QUALITATIVE_COLUMNS, qualitative_data
 from wsss_tune.analysis.report import compute_report, markdown_table, write_report
 from wsss_tune.analysis.results import load_experiment

@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 from test_analysis_data import TRIALS, make_experiment, make_study
+
 from wsss_tune.analysis.results import load_experiment
 from wsss_tune.analysis.tables import (
     RAY_TRIAL_ATTR,

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from wsss_tune.analysis import load_experiment
 from wsss_tune.trainables.cluster import head_command, session_processes, worker_command
 from wsss_tune.trainables.trainable import NODE_KEY

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from wsss_tune.analysis import (
     TrialRecord,
     export_best,
@@ -19,11 +20,10 @@ from wsss_tune.analysis import (
     stage_miou_rows,
     write_experiment,
 )
-from wsss_tune.trainables import SMOKE_OVERRIDES, run_sweep
-
 from wsss_tune.artifacts import ArtifactStore
 from wsss_tune.config import apply_overrides, load_config, to_dict
 from wsss_tune.stages.pipeline import run_pipeline
+from wsss_tune.trainables import SMOKE_OVERRIDES, run_sweep
 
 
 def _record(tid: str, status: str, tune: float | None, held: float | None = None, **params: Any) -> TrialRecord:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss_tune.trainables import SMOKE_OVERRIDES
-
 from wsss_tune.config import load_config
 from wsss_tune.reporting import RecordingReporter
 from wsss_tune.stages.pipeline import run_pipeline, stage_key_parts
+from wsss_tune.trainables import SMOKE_OVERRIDES
 
 
 def _cfg(root: Path, store: Path, **extra):

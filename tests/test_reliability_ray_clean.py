@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from wsss_tune.trainables.cluster import SESSION_FILE, clean_ray_session, head_command, session_processes
 
 from wsss_tune.cli import app
+from wsss_tune.trainables.cluster import SESSION_FILE, clean_ray_session, head_command, session_processes
 from wsss_tune.utils.io import atomic_write_json
 
 OURS = "session_2099-01-01_00-00-00_424242"

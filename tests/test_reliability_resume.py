@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from wsss_tune.analysis import load_experiment
-from wsss_tune.trainables import resume_sweep
 
+from wsss_tune.analysis import load_experiment
 from wsss_tune.artifacts import ArtifactStore
+from wsss_tune.trainables import resume_sweep
 
 #: Trials the interrupted sweep asks for.
 TRIALS = 3

@@ -177,9 +177,8 @@ def test_reference_label_pickles_still_load(tmp_path: Path) -> None:
 def test_tiny_pipeline_runs_without_network(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every non-loopback connection refused, a tiny EPS run completes (nothing is downloaded),
     and the guard itself works (a connection to a public address is refused)."""
-    from wsss_tune.trainables.sweep import SMOKE_OVERRIDES
-
     from wsss_tune.stages.pipeline import run_pipeline
+    from wsss_tune.trainables.sweep import SMOKE_OVERRIDES
 
     attempts: list[object] = []
     real_connect = socket.socket.connect

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+
 from wsss_tune.analysis import load_experiment
 from wsss_tune.trainables import SMOKE_OVERRIDES, run_sweep
 

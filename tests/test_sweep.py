@@ -22,7 +22,10 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+
 from wsss_tune.analysis import load_experiment
+from wsss_tune.artifacts import ArtifactStore
+from wsss_tune.spaces import SpaceError, load_space, space_from_dict
 from wsss_tune.trainables import (
     FINAL_KEY,
     SMOKE_OVERRIDES,
@@ -35,9 +38,6 @@ from wsss_tune.trainables import (
     study_storage,
 )
 from wsss_tune.trainables.search import RAY_TRIAL_ATTR, STUDY_FILE, FullBudgetASHA
-
-from wsss_tune.artifacts import ArtifactStore
-from wsss_tune.spaces import SpaceError, load_space, space_from_dict
 
 SYNTH_SPACES = ("synth_eps", "synth_rw", "synth_deeplab", "synth_pipeline")
 

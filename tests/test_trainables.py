@@ -9,6 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+from wsss_tune.artifacts import ArtifactStore
+from wsss_tune.config import ConfigError, load_config, to_dict
+from wsss_tune.stages.common import CheckpointManager
 from wsss_tune.trainables import (
     FINAL_KEY,
     SETTINGS_KEY,
@@ -25,10 +29,6 @@ from wsss_tune.trainables import (
     tune_result,
 )
 from wsss_tune.trainables.reporter import CHECKPOINT_META
-
-from wsss_tune.artifacts import ArtifactStore
-from wsss_tune.config import ConfigError, load_config, to_dict
-from wsss_tune.stages.common import CheckpointManager
 
 
 def _work_checkpoints(store: ArtifactStore, steps: tuple[int, ...]) -> tuple[Any, Path]:
@@ -200,6 +200,7 @@ def test_trial_table_marks_the_best_finished_trial() -> None:
     from types import SimpleNamespace
 
     from rich.console import Console
+
     from wsss_tune.trainables.progress import TrialTable
 
     table = TrialTable(metric="m", mode="max", params=["eps.tau"], title="exp")

@@ -50,7 +50,6 @@ from wsss_tune.analysis.results import (
     stage_miou_rows,
     write_experiment,
 )
-
 from wsss_tune.config import to_dict
 from wsss_tune.spaces import SearchSpace, load_space, validate
 from wsss_tune.utils.io import atomic_write_json
