@@ -363,8 +363,8 @@ def load_experiment(path: str | Path) -> ExperimentResult:
 
 def stage_miou_rows(result: ExperimentResult) -> list[dict[str, Any]]:
     """Per-stage mask quality of the reference and the best trial: one row each, with
-    ``<stage> tune`` / ``<stage> held-out`` columns for CAM (``run.cam_baseline``), EPS, refined (random walk) and DeepLab
-    (a stage a sweep did not run has no columns)."""
+    ``<stage> tune`` / ``<stage> held-out`` columns for CAM (with ``run.cam_baseline``), EPS, refined
+    (random walk) and DeepLab (a stage a sweep did not run has no columns)."""
     rows = []
     for label, trial in (("reference", result.reference), ("best", result.best)):
         if trial is None:

@@ -10,8 +10,8 @@ Two objectives, each labelled in its rows:
   fidelity (one pass of the walk yields every t), so this row compares TPE with random search only.
 * ``real: synth_deeplab`` - the shipped ``synth_deeplab`` space (DeepLab lr, head weight and bias
   multipliers) on the same dataset and store, with its fidelity: every trial trains DeepLab on the
-  cached refined masks and reports ``deeplab_miou_tune`` at DeepLab steps 100, 200 and 300 (the
-  space's ``eval_every``); TPE runs with ASHA (Optuna's ``SuccessiveHalvingPruner``, grace and
+  cached refined masks and reports ``deeplab_miou_tune`` every ``deeplab.eval_every`` (100) of its
+  300 steps; TPE runs with ASHA (Optuna's ``SuccessiveHalvingPruner``, grace and
   reduction factor from the space) and random search runs every trial to the end. Compute = DeepLab
   training steps.
 * ``surrogate (not a pipeline)`` - a labelled stand-in with a fidelity: three parameters in the
@@ -115,12 +115,14 @@ def surrogate_value(params: dict[str, float], step: int, seed: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _study(seed: int, *, tpe: bool, asha: bool) -> Any:
+def _study(seed: int, *, tpe: bool, asha: tuple[int, int] | None) -> Any:
+    """A maximising Optuna study: TPE or random sampling, and with ``asha = (grace, eta)`` Optuna's
+    successive-halving pruner (no pruning otherwise)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed) if tpe else optuna.samplers.RandomSampler(seed=seed)
-    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=SURROGATE_GRACE, reduction_factor=SURROGATE_ETA)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=asha[0], reduction_factor=asha[1])
               if asha else optuna.pruners.NopPruner())
     return optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
 
@@ -129,7 +131,7 @@ def _surrogate_arm(seed: int, budget: float, *, tpe: bool) -> list[tuple[float, 
     import optuna
 
     dists = {n: optuna.distributions.FloatDistribution(lo, hi, log=log) for n, (lo, hi, log) in _RANGES.items()}
-    study = _study(seed, tpe=tpe, asha=tpe)
+    study = _study(seed, tpe=tpe, asha=(SURROGATE_GRACE, SURROGATE_ETA) if tpe else None)
     study.enqueue_trial(_SURROGATE_REFERENCE)
     history: list[tuple[float, float | None]] = []
     spent = 0.0
@@ -190,7 +192,7 @@ def _rw_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, Any, 
 
     space, cfg, store, reference, _ = setup
     dists = _distributions(space)
-    study = _study(seed, tpe=tpe, asha=False)
+    study = _study(seed, tpe=tpe, asha=None)
     study.enqueue_trial(reference)
     history: list[tuple[float, float | None]] = []
     spent = 0.0
@@ -247,11 +249,7 @@ def _deeplab_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, 
     space = load_space("synth_deeplab")
     f = space.fidelity
     dists = _distributions(space)
-    sampler = optuna.samplers.TPESampler(seed=seed) if tpe else optuna.samplers.RandomSampler(seed=seed)
-    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=f.grace_period, reduction_factor=f.reduction_factor)
-              if tpe else optuna.pruners.NopPruner())
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    study = _study(seed, tpe=tpe, asha=(f.grace_period, f.reduction_factor) if tpe else None)
     study.enqueue_trial(space.reference_point())
     history: list[tuple[float, float | None]] = []
     spent = 0.0

@@ -703,8 +703,7 @@ def demo(
     existing folder is used as it is), runs ``trials`` trials of the
     ``synth_pipeline`` space (reference setting first, artifact cache on, ``run.cam_baseline`` on),
     prints the CAM, EPS, refined and DeepLab mIoU (tune and held-out halves) of the reference and the
-    best config, exports the
-    best config and says where the W&B runs, parquet files and best config are.
+    best config, exports the best config and says where the W&B runs, parquet files and best config are.
     """
     from wsss_tune.data.synth import generate_synthetic_voc
 

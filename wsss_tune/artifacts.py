@@ -243,7 +243,7 @@ def _scan(folder: Path, key: ArtifactKey) -> dict[str, dict[str, Any]]:
             rel = path.relative_to(folder).as_posix()
             if rel == MANIFEST_NAME:
                 raise ArtifactError(f"artifact {key}: the build wrote {MANIFEST_NAME}, a name the store reserves")
-            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path, chunk=_CHUNK)}
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return dict(sorted(files.items()))
 
 
@@ -287,7 +287,7 @@ def _verify_dir(folder: Path, manifest: Mapping[str, Any], mode: str) -> list[st
         size = path.stat().st_size
         if size != meta["size"]:
             problems.append(f"{rel}: {size} bytes, manifest says {meta['size']}")
-        elif mode == "sha256" and file_sha256(path, chunk=_CHUNK) != meta["sha256"]:
+        elif mode == "sha256" and file_sha256(path) != meta["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
     return problems
 

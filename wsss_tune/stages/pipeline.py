@@ -158,12 +158,12 @@ class PipelineRun:
 
     def cam_baseline(self) -> None:
         """The plain-CAM baseline of this config's EPS stage; its pseudo-mask scores become ``cam_*``."""
-        if self.cfg.eps.method == "cam":
-            self.metrics.update({"cam" + k[3:]: v for k, v in self.metrics.items() if k.startswith("eps_miou")})
-            return
-        cam_cfg = apply_overrides(self.cfg, {"eps.method": "cam"})
-        self._eps_artifacts(cam_cfg, names=("cam_model", "cam"), quiet=True)
-        self.metrics.update({"cam" + k[3:]: v for k, v in self.side_metrics["cam"].items() if k.startswith("eps_miou")})
+        if self.cfg.eps.method == "cam":  # this run's EPS stage is the baseline
+            scores = self.metrics
+        else:
+            self._eps_artifacts(apply_overrides(self.cfg, {"eps.method": "cam"}), names=("cam_model", "cam"), quiet=True)
+            scores = self.side_metrics["cam"]
+        self.metrics.update({"cam" + k[len("eps"):]: v for k, v in scores.items() if k.startswith("eps_miou")})
 
     def _eps_artifacts(self, cfg: PipelineConfig, *, names: tuple[str, str], quiet: bool) -> tuple[Any, Path, Any, Path]:
         """EPS training and inference artifacts of ``cfg``: (model key, model folder, key, CAM/mask folder)."""

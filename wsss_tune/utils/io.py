@@ -63,10 +63,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def file_sha256(path: str | Path, *, chunk: int = 8 * 1024 * 1024) -> str:
-    """SHA-256 hex digest of a file, read in ``chunk``-byte blocks."""
+#: Block size of :func:`file_sha256` reads.
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 8 MiB blocks."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(_HASH_CHUNK):
             digest.update(block)
     return digest.hexdigest()
