@@ -5,6 +5,9 @@ two discs, AffinityNet-like affinities from region features with noise, and walk
 ``[(1 - max CAM)^16, 2 class maps]`` (K = 3) from blurred, bloated CAMs; β = 8, t = 256 (logt = 8),
 radius 5, float32, reference border geometry.
 
+* ``method``: the dense reference, or :func:`random_walk` with one ``stencil`` (``auto`` is what it
+  picks on the device: the fused compiled kernel on a CPU); the fused kernel is compiled (or loaded
+  from its cache) during a warm-up call on a small map, not in the measured calls.
 * ``time_s``: wall time of one walk, best of ``repeats`` runs (the machine may be shared: the best
   run is the least disturbed one).
 * ``peak_mem_MB``: on a CPU, the growth of the process's peak resident memory during its first walk
@@ -40,6 +43,8 @@ LOGT = 8
 ALPHA = 16.0
 RADIUS = 5
 STRIDE = 8
+#: Implementations of the walk step compared (``auto``: what :func:`random_walk` picks on this device).
+STENCILS = ("auto", "fused", "shifts", "unfold")
 #: Seed of the synthetic inputs (same inputs for every method of a size).
 SEED = 0
 #: Map size of the warm-up call that precedes the measured one.
@@ -111,8 +116,9 @@ def _measure(case: dict[str, Any]) -> dict[str, Any]:
             return dense_random_walk_reference(aff, scores, radius=RADIUS, beta=BETA, logt=LOGT)
         return random_walk(aff, scores, radius=RADIUS, beta=BETA, t_values=t_values, stencil=case["stencil"])[2**LOGT]
 
-    # Warm-up on a tiny map: lazy initialisation happens here, while the allocations that the
-    # measured call could reuse stay small.
+    # Warm-up on a tiny map: lazy initialisation (and the fused kernel's compilation, or its load
+    # from the on-disk cache) happens here, while the allocations that the measured call could reuse
+    # stay small.
     walk(*_inputs(WARMUP_SIZE, device)[:2])
     aff, scores, keys = _inputs(case["size"], device)
     sync()
@@ -167,16 +173,17 @@ def _in_fresh_process(case: dict[str, Any]) -> dict[str, Any]:
 def run(quick: bool) -> list[dict]:
     """One row per (map size, method); see the module docstring for the columns."""
     import numpy as np
+    import torch
 
+    on_gpu = torch.cuda.is_available()
     sizes = (32, 40) if quick else (56, 64, 112)
     repeats = 3 if quick else 5
     rows: list[dict] = []
     for size in sizes:
-        cases: list[dict[str, Any]] = [
-            {"method": "sparse", "stencil": "shifts"},
-            {"method": "sparse", "stencil": "unfold"},
-            {"method": "sparse", "stencil": "shifts", "t_values": tuple(2**k for k in range(LOGT + 1)),
-             "label": "sparse shifts, t=1,2,..,256 in one pass"},
+        stencils = tuple(s for s in STENCILS if s != "fused" or not on_gpu)  # the fused kernel is CPU-only
+        cases: list[dict[str, Any]] = [{"method": "sparse", "stencil": stencil} for stencil in stencils] + [
+            {"method": "sparse", "stencil": "auto", "t_values": tuple(2**k for k in range(LOGT + 1)),
+             "label": "sparse auto, t=1,2,..,256 in one pass"},
         ]
         dense = None
         if _dense_fits(size):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -54,13 +56,14 @@ def _inputs(h: int, w: int, k: int, *, radius: int, pad_border: bool = False, se
     return aff, scores
 
 
+@pytest.mark.parametrize("stencil", ["fused", "shifts"])
 @pytest.mark.parametrize("radius,h,w", [(5, 8, 12), (3, 7, 9)])
 @pytest.mark.parametrize("beta", [1.0, 4.0, 8.0])
-def test_sparse_walk_matches_dense_f64_for_several_t_from_one_pass(radius, h, w, beta):
+def test_sparse_walk_matches_dense_f64_for_several_t_from_one_pass(radius, h, w, beta, stencil):
     """Every requested t (powers of two, odd, and t = 0) from one call equals scores @ T^t; labels agree."""
     aff, scores = _inputs(h, w, 3, radius=radius)
     t_values = (0, 1, 3, 8, 13, 64)
-    out = random_walk(aff, scores, radius=radius, beta=beta, t_values=t_values)
+    out = random_walk(aff, scores, radius=radius, beta=beta, t_values=t_values, stencil=stencil)
     assert sorted(out) == list(t_values)
     for t in t_values:
         dense = dense_walk_f64(aff, scores, radius=radius, beta=beta, t=t)
@@ -69,16 +72,16 @@ def test_sparse_walk_matches_dense_f64_for_several_t_from_one_pass(radius, h, w,
 
 
 @pytest.mark.parametrize("pad_border", [False, True])
-def test_unfold_stencil_and_batching_give_the_same_walk(pad_border):
+def test_stencils_and_batching_give_the_same_walk(pad_border):
     a1, s1 = _inputs(8, 11, 2, radius=5, pad_border=pad_border, seed=1)
     a2, s2 = _inputs(8, 11, 2, radius=5, pad_border=pad_border, seed=2)
     kwargs = dict(beta=8.0, t_values=(5, 16), pad_border=pad_border)
-    batched = random_walk(torch.stack([a1, a2]), torch.stack([s1, s2]), **kwargs)
-    unfold = random_walk(a1, s1, stencil="unfold", **kwargs)
+    batched = {stencil: random_walk(torch.stack([a1, a2]), torch.stack([s1, s2]), stencil=stencil, **kwargs)
+               for stencil in ("fused", "shifts", "unfold")}
     for t in (5, 16):
         single = [random_walk(a, s, **kwargs)[t] for a, s in ((a1, s1), (a2, s2))]
-        torch.testing.assert_close(batched[t], torch.stack(single), rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(unfold[t], single[0], rtol=1e-10, atol=1e-12)
+        for stencil, out in batched.items():
+            torch.testing.assert_close(out[t], torch.stack(single), rtol=1e-10, atol=1e-12, msg=stencil)
         dense = dense_walk_f64(a2, s2, radius=5, beta=8.0, t=t, pad_border=pad_border)
         torch.testing.assert_close(single[1], dense, rtol=1e-10, atol=1e-12)
 
@@ -90,10 +93,11 @@ def test_dense_reference_matches_the_definition_and_the_sparse_walk_in_float32()
     ref64 = dense_random_walk_reference(aff, scores, beta=8.0, logt=3, dtype=None)
     torch.testing.assert_close(ref64, dense_walk_f64(aff, scores, radius=5, beta=8.0, t=8), rtol=1e-10, atol=1e-12)
     ref32 = dense_random_walk_reference(aff, scores, beta=8.0, logt=3)
-    sparse32 = random_walk(aff.float(), scores.float(), beta=8.0, logt=3)[8]
-    assert ref32.dtype == sparse32.dtype == torch.float32
-    torch.testing.assert_close(sparse32, ref32, rtol=1e-4, atol=1e-5)
-    assert torch.equal(sparse32.argmax(0), ref32.argmax(0))
+    for stencil in ("fused", "shifts", "unfold"):
+        sparse32 = random_walk(aff.float(), scores.float(), beta=8.0, logt=3, stencil=stencil)[8]
+        assert ref32.dtype == sparse32.dtype == torch.float32
+        torch.testing.assert_close(sparse32, ref32, rtol=1e-4, atol=1e-5)
+        assert torch.equal(sparse32.argmax(0), ref32.argmax(0))
 
 
 def test_default_logt_is_the_reference_t256():
@@ -138,6 +142,31 @@ def test_random_walk_errors():
         random_walk(aff, scores, pad_border=True)
     with pytest.raises(ValueError, match="beta"):
         random_walk(aff, scores, beta=0.0)
+    with pytest.raises(ValueError, match="stencil: expected one of 'auto', 'fused'"):
+        random_walk(aff, scores, stencil="dense")
+
+
+def test_auto_stencil_is_the_fused_kernel_on_a_cpu_and_shifts_without_numba(monkeypatch):
+    rw = importlib.import_module("wsss_tune.ops.random_walk")  # the package re-exports the function's name
+    aff, scores = _inputs(6, 10, 2, radius=5, seed=7)
+    calls: list[str] = []
+    for name in ("_walk_fused", "_walk_shifts"):
+        real = getattr(rw, name)
+        monkeypatch.setattr(rw, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    random_walk(aff, scores, t_values=3)
+    assert calls == ["_walk_fused"]
+    monkeypatch.setattr(rw, "fused_available", lambda: False)
+    random_walk(aff, scores, t_values=3)
+    assert calls == ["_walk_fused", "_walk_shifts"]
+    with pytest.raises(ModuleNotFoundError, match="needs Numba.*stencil='shifts'"):
+        random_walk(aff, scores, stencil="fused")
+
+
+def test_fused_stencil_refuses_a_gpu_tensor():
+    aff, scores = _inputs(6, 10, 2, radius=5)
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="CPU only.*'unfold'"):
+        random_walk(aff.to(meta), scores.to(meta), stencil="fused")
     with pytest.raises(ValueError, match="same batch size"):
         random_walk(aff[None].expand(2, -1, -1, -1), scores[None])
     with pytest.raises(ValueError, match="t_values"):

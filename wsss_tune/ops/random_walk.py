@@ -12,14 +12,22 @@ Since ``A`` is symmetric, one step ``x <- x T`` is, for every pixel ``j``,
 ``1 + 2D`` shifted maps with precomputed weights, ``t`` times, and can return every ``t`` it passes.
 At 56 x 56 and t = 256 that is about 0.1 GFLOP per score plane instead of ~0.5 TFLOP for the eight
 squarings, and no ``N x N`` matrix.
+
+Three implementations of the step give the same result (see ``stencil`` in :func:`random_walk`):
+a fused compiled CPU kernel (:mod:`wsss_tune.ops._walk_kernel`, all taps of all steps in one call),
+``1 + 2D`` PyTorch multiply-adds of shifted views, and one ``unfold`` + weighted sum (few kernel
+launches, for GPUs).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import operator
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +51,8 @@ DEFAULT_LOGT = 8
 #: Background exponent of the walk's input scores (PSA ``infer_aff.py --alpha 16``).
 DEFAULT_ALPHA = 16.0
 
-Stencil = Literal["auto", "shifts", "unfold"]
+Stencil = Literal["auto", "fused", "shifts", "unfold"]
+STENCILS = ("auto", "fused", "shifts", "unfold")
 
 
 def _check_positive_int(name: str, value: Any, *, minimum: int) -> int:
@@ -156,6 +165,40 @@ def _walk_shifts(x: torch.Tensor, taps: list[tuple[int, int]], weights: torch.Te
     return out
 
 
+@functools.cache
+def fused_available() -> bool:
+    """Whether the fused CPU kernel can run (its compiler, Numba, is installed)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def _walk_fused(x: torch.Tensor, taps: list[tuple[int, int]], weights: torch.Tensor, steps: list[int],
+                f: int) -> dict[int, torch.Tensor]:
+    """All taps of all steps in one compiled call per requested ``t`` (CPU; see :mod:`._walk_kernel`)."""
+    from wsss_tune.ops._walk_kernel import walk_steps
+
+    bsz, k, h, w = x.shape
+    top, row = f + 1, w + 2 * f
+    rows = top + h + f + 1
+    inner = (slice(top, top + h), slice(f, f + w))
+    planes = x.new_zeros(2, bsz, k, rows, row)
+    planes[0][(..., *inner)] = x
+    grid = weights.new_zeros(bsz, len(taps), rows, row)
+    grid[(..., *inner)] = weights
+    flat = planes.reshape(2, bsz, k, rows * row).numpy()
+    offsets = np.array([sy * row + sx for sy, sx in taps], dtype=np.int64)
+    lo, hi = top * row, (top + h) * row
+    out: dict[int, torch.Tensor] = {0: x.clone()} if steps[0] == 0 else {}
+    cur, done = 0, 0
+    for t in steps:
+        if t == 0:
+            continue
+        walk_steps(flat[cur], flat[1 - cur], grid.reshape(bsz, len(taps), rows * row).numpy(), offsets, lo, hi,
+                   t - done)
+        cur, done = (cur + t - done) % 2, t
+        out[t] = planes[cur][(..., *inner)].clone()
+    return out
+
+
 def _walk_unfold(x: torch.Tensor, taps: list[tuple[int, int]], weights: torch.Tensor, steps: list[int],
                  f: int) -> dict[int, torch.Tensor]:
     """One ``unfold`` + weighted sum over the ``(2f+1)²`` window per step (few kernels: for GPUs)."""
@@ -209,9 +252,11 @@ def random_walk(
         t_values: number(s) of steps to return; default ``2**logt``.
         logt: ``t = 2**logt`` (reference); give ``t_values`` or ``logt``, not both.
         pad_border: padded pair geometry (see above). Off by default (reference).
-        stencil: ``shifts`` (``1 + 2D`` multiply-adds of shifted views per step; fastest on a CPU),
-            ``unfold`` (one im2col and one weighted sum per step; few kernel launches, for GPUs), or
-            ``auto`` (``shifts`` on a CPU, ``unfold`` elsewhere). Same result.
+        stencil: ``fused`` (CPU only: one compiled kernel runs every tap of every step; needs
+            Numba, a dependency of the package), ``shifts`` (``1 + 2D`` PyTorch multiply-adds of
+            shifted views per step; any device, no compiler), ``unfold`` (one im2col and one weighted
+            sum per step; few kernel launches, for GPUs), or ``auto`` (``fused`` on a CPU, ``shifts``
+            there if Numba is missing, ``unfold`` elsewhere). Same result up to float rounding.
 
     Shape:
         aff: ``(D, h', w')`` or ``(B, D, h', w')``; ``(h', w') = (h - r + 1, w - 2r + 2)``, or
@@ -224,22 +269,28 @@ def random_walk(
     radius = _check_positive_int("radius", radius, minimum=2)
     if not beta > 0:
         raise ValueError(f"beta: expected > 0 (a^0 would link every pixel pair of the dense reference), got {beta!r}")
-    if stencil not in ("auto", "shifts", "unfold"):
-        raise ValueError(f"stencil: expected 'auto', 'shifts' or 'unfold', got {stencil!r}")
+    if stencil not in STENCILS:
+        raise ValueError(f"stencil: expected one of {', '.join(map(repr, STENCILS))}, got {stencil!r}")
     if not (aff.is_floating_point() and scores.is_floating_point()):
         raise ValueError(f"aff and scores: expected float tensors, got {aff.dtype} and {scores.dtype}")
     aff_b, x, batched = _batched(aff, scores)
     h, w = x.shape[-2:]
     _check_aff_shape(aff_b, h, w, radius, pad_border)
+    on_cpu = x.device.type == "cpu"
+    if stencil == "auto":
+        stencil = ("fused" if fused_available() else "shifts") if on_cpu else "unfold"
+    if stencil == "fused" and not on_cpu:
+        raise ValueError(f"stencil='fused' runs on the CPU only, got tensors on {x.device}: use 'unfold' or 'shifts'")
+    if stencil == "fused" and not fused_available():
+        raise ModuleNotFoundError("stencil='fused' needs Numba (a dependency of wsss-tune: pip install numba), "
+                                  "or use stencil='shifts'")
     if aff_b.numel() and bool(aff_b.min() < 0):
         raise ValueError(f"aff: expected affinities in [0, 1], got a minimum of {aff_b.min().item():.4g}")
     # At least float32, as the reference: 256 steps in half precision would accumulate its rounding.
     dtype = torch.promote_types(torch.promote_types(aff.dtype, scores.dtype), torch.float32)
     x = x.to(dtype)
     taps, weights = _stencil_weights(aff_b.to(dtype), h, w, radius=radius, beta=beta, pad_border=pad_border)
-    if stencil == "auto":
-        stencil = "shifts" if x.device.type == "cpu" else "unfold"
-    walk = _walk_shifts if stencil == "shifts" else _walk_unfold
+    walk = {"fused": _walk_fused, "shifts": _walk_shifts, "unfold": _walk_unfold}[stencil]
     out = walk(x, taps, weights, steps, radius - 1)
     return {t: (v if batched else v[0]) for t, v in sorted(out.items())}
 
