@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from wsss_tune.reporting import DivergedError
 from wsss_tune.stages.common import (
     CheckpointManager,
+    LogWindow,
     ResumableSampler,
+    TrainingLoop,
     build_optimizer,
     capture_rng,
     poly_lr,
@@ -69,3 +72,56 @@ def test_resumable_sampler_continues_exactly():
     assert full[12:] == resumed
     assert sorted(i % 7 for i in full[:7]) == list(range(7))  # each epoch is a permutation
     assert full[:7] != full[7:14]
+
+
+class _ListReporter:
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, dict, str | None]] = []
+
+    def report(self, metrics, *, step, checkpoint_dir=None):
+        self.reports.append((step, dict(metrics), checkpoint_dir))
+
+
+def _loop(tmp_path, reporter, total=5, **kwargs):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    evals = itertools.count(50)
+    options = dict(log_every=2, checkpoint_every=4, evaluate=lambda: float(next(evals)), eval_every=3)
+    options.update(kwargs)
+    return TrainingLoop("toy", total=total, total_field="toy.iterations", ckpts=CheckpointManager(tmp_path, keep=2),
+                        reporter=reporter, model=model, optimizer=optimizer, scaler=None, new_window=LogWindow,
+                        **options)
+
+
+def test_training_loop_logs_evaluates_checkpoints_and_reports_on_its_schedule(tmp_path):
+    """5 steps, log every 2, evaluate every 3, checkpoint every 4 (and the last step logs and saves)."""
+    reporter = _ListReporter()
+    loop = _loop(tmp_path, reporter)
+    assert loop.start == 0
+    loop.restore()  # fresh run: nothing to load
+    for step in range(1, 6):
+        loop.window.add(**{"toy/loss": float(step)})
+        loop.after_step(step, lr=0.1 / step)
+    ckpt = str(tmp_path)
+    assert reporter.reports == [
+        (2, {"toy/loss": 1.5, "toy/lr": 0.05}, None),
+        (3, {"toy_miou_tune": 50.0, "toy/lr": 0.1 / 3}, None),
+        (4, {"toy/loss": 3.5, "toy/lr": 0.025}, ckpt),
+        (5, {"toy/loss": 5.0, "toy/lr": 0.02}, ckpt),
+    ]
+    assert loop.last_logged == {"toy/loss": 5.0}
+
+    # A new loop over the same folder continues after the newest checkpoint, with its last logged values.
+    again = _loop(tmp_path, _ListReporter())
+    assert again.start == 5
+    again.restore()
+    assert again.last_logged == {"toy/loss": 5.0}
+    with pytest.raises(ValueError, match=r"step 5, past toy.iterations = 4"):
+        _loop(tmp_path, _ListReporter(), total=4)
+
+
+def test_training_loop_stops_on_a_non_finite_logged_value(tmp_path):
+    loop = _loop(tmp_path, _ListReporter(), evaluate=None)
+    loop.window.add(**{"toy/loss": float("nan")})
+    with pytest.raises(DivergedError, match="toy/loss became nan at step 2"):
+        loop.after_step(2, lr=0.1)

@@ -55,19 +55,17 @@ from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
     StageResult,
+    TrainingLoop,
     backward,
     build_optimizer,
     claim_folder,
     make_grad_scaler,
     make_loader,
-    newest_checkpoint,
     optimizer_step,
     prepare_model,
-    restore_training,
     save_state_dict,
     set_poly_lr,
     to_device,
-    training_state,
 )
 from wsss_tune.stages.eps import load_cams
 from wsss_tune.stages.evaluate import miou_metrics, score_masks, tune_heldout_ids
@@ -386,19 +384,18 @@ def train_affinity(
     optimizer = build_optimizer(model.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer,
                                 lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
     scaler = make_grad_scaler(device, a.amp)
-    ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
-    window = LogWindow()
-    last_logged: dict[str, float] = {}
-
-    start, resume = newest_checkpoint(ckpts, total, "the training steps (affinity.epochs or affinity.iterations)")
+    loop = TrainingLoop(
+        "affinity", total=total, total_field="the training steps (affinity.epochs or affinity.iterations)",
+        ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
+        model=model, optimizer=optimizer, scaler=scaler, new_window=LogWindow,
+        log_every=a.log_every, checkpoint_every=a.checkpoint_every)
     # Created before the RNG is restored: creating it draws from the global RNG, as at step 0.
-    loader = make_loader(dataset, batch_size=a.batch_size, seed=cfg.run.seed, start_step=start,
+    loader = make_loader(dataset, batch_size=a.batch_size, seed=cfg.run.seed, start_step=loop.start,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if resume is not None:
-        last_logged = restore_training(resume, model=model, optimizer=optimizer, scaler=scaler, window=window)
+    loop.restore()
 
     model.train()
-    for step in range(start + 1, total + 1):
+    for step in range(loop.start + 1, total + 1):
         batch = next(loader)
         lr = set_poly_lr(optimizer, a.lr, step - 1, total, a.poly_power)
         image = to_device(batch["image"], device, a.channels_last)
@@ -417,28 +414,13 @@ def train_affinity(
         optimizer.zero_grad(set_to_none=True)
         backward(loss, scaler)
         optimizer_step(optimizer, scaler)
-        window.add(**{"affinity/loss": loss_value},
-                   **{f"affinity/loss_{p}": float(parts[p].detach()) for p in _PARTS},
-                   **{f"affinity/pairs_{p}": float(parts[f"{p}_count"].detach()) for p in _PARTS})
-
-        metrics: dict[str, Any] = {}
-        if step % a.log_every == 0 or step == total:
-            last_logged = window.mean()
-            for name, value in last_logged.items():
-                check_finite(name, value, step=step)
-            metrics.update(last_logged)
-            window = LogWindow()
-        checkpoint_dir = None
-        if step % a.checkpoint_every == 0 or step == total:
-            ckpts.save(step, training_state(step, model=model, optimizer=optimizer, scaler=scaler, window=window,
-                                            last_logged=last_logged))
-            checkpoint_dir = str(ckpts.directory)
-        if metrics or checkpoint_dir:
-            metrics["affinity/lr"] = lr
-            reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+        loop.window.add(**{"affinity/loss": loss_value},
+                        **{f"affinity/loss_{p}": float(parts[p].detach()) for p in _PARTS},
+                        **{f"affinity/pairs_{p}": float(parts[f"{p}_count"].detach()) for p in _PARTS})
+        loop.after_step(step, lr)
 
     save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": stride, **last_logged})
+    atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": stride, **loop.last_logged})
     return model_path
 
 

@@ -10,16 +10,17 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "training_state",
     "backward",
     "optimizer_step",
+    "TrainingLoop",
 ]
 
 
@@ -356,7 +358,8 @@ class LogWindow:
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.count += 1
 
-    def mean(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
+        """Each scalar's mean over the window."""
         return {name: total / max(self.count, 1) for name, total in self.sums.items()}
 
     def state(self) -> dict[str, Any]:
@@ -407,3 +410,76 @@ def restore_training(state: Mapping[str, Any], *, model: nn.Module, optimizer: t
     window.load(state["window"])
     restore_rng(state["rng"])
     return {k: float(v) for k, v in state["last_logged"].items()}
+
+
+class Window(Protocol):
+    """What :class:`TrainingLoop` needs of a log window (:class:`LogWindow` or a stage's own)."""
+
+    def summary(self) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load(self, state: Mapping[str, Any]) -> None: ...
+
+
+class TrainingLoop:
+    """The bookkeeping every stage's training loop shares, around its own step.
+
+    A stage builds its model, optimiser and scaler, creates this (which finds the newest checkpoint:
+    :attr:`start` is the step to continue from), creates its data loader from ``start``, calls
+    :meth:`restore` (weights, optimiser, scaler, log window, RNGs; a no-op for a fresh run), then for
+    each ``step in range(loop.start + 1, total + 1)`` does its forward/backward, adds its scalars to
+    :attr:`window`, and calls :meth:`after_step`, which in this order:
+
+    1. every ``log_every`` steps and at the last one, closes the window: its summary (checked finite)
+       is reported with ``<stage>/lr`` and kept as :attr:`last_logged`;
+    2. every ``eval_every`` steps (when an ``evaluate`` callable is given), reports its value as
+       ``<stage>_miou_tune``, the metric the scheduler reads;
+    3. every ``checkpoint_every`` steps and at the last one, saves a checkpoint that resumes exactly
+       (see :func:`training_state`) and hands its folder to the reporter;
+    4. reports whatever of that happened at this step, always with ``<stage>/lr``.
+    """
+
+    def __init__(self, stage: str, *, total: int, total_field: str, ckpts: CheckpointManager, reporter: Reporter,
+                 model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                 new_window: Callable[[], Window], log_every: int, checkpoint_every: int,
+                 evaluate: Callable[[], float] | None = None, eval_every: int = 0) -> None:
+        self.stage, self.total = stage, total
+        self.ckpts, self.reporter = ckpts, reporter
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.new_window = new_window
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.evaluate, self.eval_every = evaluate, eval_every
+        self.window = new_window()
+        self.last_logged: dict[str, float] = {}
+        self.start, self._resume = newest_checkpoint(ckpts, total, total_field)
+
+    def restore(self) -> None:
+        """Load the newest checkpoint, if any; call it after creating the data loader (see
+        :func:`restore_training`)."""
+        if self._resume is not None:
+            self.last_logged = restore_training(self._resume, model=self.model, optimizer=self.optimizer,
+                                                scaler=self.scaler, window=self.window)
+            self._resume = None
+
+    def after_step(self, step: int, lr: float) -> None:
+        """Log, evaluate, checkpoint and report after optimiser step ``step`` (1-based) taken at ``lr``."""
+        last = step == self.total
+        metrics: dict[str, Any] = {}
+        if step % self.log_every == 0 or last:
+            self.last_logged = self.window.summary()
+            for name, value in self.last_logged.items():
+                check_finite(name, value, step=step)
+            metrics.update(self.last_logged)
+            self.window = self.new_window()
+        if self.evaluate is not None and self.eval_every > 0 and step % self.eval_every == 0:
+            metrics[f"{self.stage}_miou_tune"] = self.evaluate()
+        checkpoint_dir = None
+        if step % self.checkpoint_every == 0 or last:
+            self.ckpts.save(step, training_state(step, model=self.model, optimizer=self.optimizer,
+                                                 scaler=self.scaler, window=self.window,
+                                                 last_logged=self.last_logged))
+            checkpoint_dir = str(self.ckpts.directory)
+        if metrics or checkpoint_dir:
+            metrics[f"{self.stage}/lr"] = lr
+            self.reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)

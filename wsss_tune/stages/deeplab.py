@@ -41,19 +41,17 @@ from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
     StageResult,
+    TrainingLoop,
     backward,
     build_optimizer,
     claim_folder,
     make_grad_scaler,
     make_loader,
-    newest_checkpoint,
     optimizer_step,
     prepare_model,
-    restore_training,
     save_state_dict,
     set_poly_lr,
     to_device,
-    training_state,
 )
 from wsss_tune.stages.evaluate import miou_metrics, tune_heldout_ids
 from wsss_tune.utils import atomic_write_json, autocast, resolve_device, seed_everything
@@ -400,20 +398,29 @@ def train_deeplab(
     model = prepare_model(_build_model(d, layout.num_classes, pretrained=d.pretrained), device, d.channels_last)
     optimizer = build_deeplab_optimizer(model, d)
     scaler = make_grad_scaler(device, d.amp)
-    ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
-    window = LogWindow()
-    last_logged: dict[str, float] = {}
 
-    start, resume = newest_checkpoint(ckpts, d.iterations, "deeplab.iterations")
+    def evaluate() -> float:
+        per_image = evaluate_model(model, layout, eval_ids, test_scales=d.test_scales, test_flip=d.test_flip,
+                                   crf=False, amp=d.amp, device=device, channels_last=d.channels_last)
+        cm = ConfusionMatrix(num_classes=layout.num_classes + 1)
+        for counts in per_image.values():
+            cm.merge_matrix(counts)
+        return 100.0 * cm.miou()
+
+    loop = TrainingLoop(
+        "deeplab", total=d.iterations, total_field="deeplab.iterations",
+        ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
+        model=model, optimizer=optimizer, scaler=scaler, new_window=LogWindow,
+        log_every=d.log_every, checkpoint_every=d.checkpoint_every,
+        evaluate=evaluate if eval_ids else None, eval_every=d.eval_every)
     # Created before the RNG is restored: creating the loader draws from the global RNG, as it did at
     # step 0 of the uninterrupted run. It counts micro-batches, `accumulate` per step.
-    loader = make_loader(dataset, batch_size=d.batch_size, seed=cfg.run.seed, start_step=start * d.accumulate,
+    loader = make_loader(dataset, batch_size=d.batch_size, seed=cfg.run.seed, start_step=loop.start * d.accumulate,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if resume is not None:
-        last_logged = restore_training(resume, model=model, optimizer=optimizer, scaler=scaler, window=window)
+    loop.restore()
 
     model.train()
-    for step in range(start + 1, d.iterations + 1):
+    for step in range(loop.start + 1, d.iterations + 1):
         lr = set_poly_lr(optimizer, d.lr, step - 1, d.iterations, d.poly_power)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -429,32 +436,11 @@ def train_deeplab(
             backward(loss, scaler)
             step_loss += loss_value
         optimizer_step(optimizer, scaler)
-        window.add(**{"deeplab/loss": step_loss})
-
-        metrics: dict[str, Any] = {}
-        if step % d.log_every == 0 or step == d.iterations:
-            last_logged = window.mean()
-            metrics.update(last_logged)
-            metrics["deeplab/lr"] = lr
-            window = LogWindow()
-        if eval_ids and step % d.eval_every == 0:
-            per_image = evaluate_model(model, layout, eval_ids, test_scales=d.test_scales, test_flip=d.test_flip,
-                                       crf=False, amp=d.amp, device=device, channels_last=d.channels_last)
-            cm = ConfusionMatrix(num_classes=layout.num_classes + 1)
-            for counts in per_image.values():
-                cm.merge_matrix(counts)
-            metrics["deeplab_miou_tune"] = 100.0 * cm.miou()
-        checkpoint_dir = None
-        if step % d.checkpoint_every == 0 or step == d.iterations:
-            ckpts.save(step, training_state(step, model=model, optimizer=optimizer, scaler=scaler, window=window,
-                                            last_logged=last_logged))
-            checkpoint_dir = str(ckpts.directory)
-        if metrics or checkpoint_dir:
-            metrics.setdefault("deeplab/lr", lr)
-            reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+        loop.window.add(**{"deeplab/loss": step_loss})
+        loop.after_step(step, lr)
 
     save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **last_logged})
+    atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **loop.last_logged})
     return model_path
 
 

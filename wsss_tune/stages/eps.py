@@ -47,19 +47,17 @@ from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.stages.common import (
     CheckpointManager,
     StageResult,
+    TrainingLoop,
     backward,
     build_optimizer,
     claim_folder,
     make_grad_scaler,
     make_loader,
-    newest_checkpoint,
     optimizer_step,
     prepare_model,
-    restore_training,
     save_state_dict,
     set_poly_lr,
     to_device,
-    training_state,
 )
 from wsss_tune.stages.evaluate import score_masks, tune_heldout_ids
 from wsss_tune.utils import (
@@ -227,11 +225,12 @@ def _evaluate(model: EPSNet, layout: VOCLayout, ids: Sequence[str], *, e: EPSCon
 class _LogWindow:
     """Loss and per-class overlap sums since the last log; saved in checkpoints so reports resume too."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, class_names: Sequence[str], *, with_sal: bool) -> None:
+        self.class_names, self.with_sal = list(class_names), with_sal
         self.steps = 0
         self.loss = self.cls = self.sal = 0.0
-        self.overlap_sum = torch.zeros(num_classes, dtype=torch.float64)
-        self.overlap_count = torch.zeros(num_classes, dtype=torch.float64)
+        self.overlap_sum = torch.zeros(len(class_names), dtype=torch.float64)
+        self.overlap_count = torch.zeros(len(class_names), dtype=torch.float64)
 
     def add(self, loss: float, cls: float, sal: float, overlap: Tensor | None, labels: Tensor) -> None:
         self.steps += 1
@@ -243,12 +242,12 @@ class _LogWindow:
             self.overlap_sum += (overlap.detach().double().cpu() * present).sum(0)
             self.overlap_count += present.sum(0)
 
-    def summary(self, class_names: Sequence[str], with_sal: bool) -> dict[str, float]:
+    def summary(self) -> dict[str, float]:
         n = max(self.steps, 1)
         out = {"eps/loss": self.loss / n, "eps/loss_cls": self.cls / n}
-        if with_sal:
+        if self.with_sal:
             out["eps/loss_sal"] = self.sal / n
-            for c, name in enumerate(class_names):
+            for c, name in enumerate(self.class_names):
                 if self.overlap_count[c] > 0:
                     out[f"eps/overlap/{name}"] = float(self.overlap_sum[c] / self.overlap_count[c])
         return out
@@ -316,20 +315,22 @@ def train_eps(
     optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
                                 lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
     scaler = make_grad_scaler(device, e.amp)
-    ckpts = CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints)
-    window = _LogWindow(layout.num_classes)
-    last_logged: dict[str, float] = {}
-
-    start, resume = newest_checkpoint(ckpts, e.iterations, "eps.iterations")
+    loop = TrainingLoop(
+        "eps", total=e.iterations, total_field="eps.iterations",
+        ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
+        model=model, optimizer=optimizer, scaler=scaler,
+        new_window=lambda: _LogWindow(class_names, with_sal=use_saliency),
+        log_every=e.log_every, checkpoint_every=e.checkpoint_every,
+        evaluate=(lambda: _evaluate(model, layout, eval_ids, e=e, device=device)) if eval_ids else None,
+        eval_every=e.eval_every)
     # The loader is created before the RNG is restored: creating it draws from the global RNG, as it
     # did at step 0 of the uninterrupted run.
-    loader = make_loader(dataset, batch_size=e.batch_size, seed=cfg.run.seed, start_step=start,
+    loader = make_loader(dataset, batch_size=e.batch_size, seed=cfg.run.seed, start_step=loop.start,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if resume is not None:
-        last_logged = restore_training(resume, model=model, optimizer=optimizer, scaler=scaler, window=window)
+    loop.restore()
 
     model.train()
-    for step in range(start + 1, e.iterations + 1):
+    for step in range(loop.start + 1, e.iterations + 1):
         batch = next(loader)
         lr = set_poly_lr(optimizer, e.lr, step - 1, e.iterations, e.poly_power)
         image = to_device(batch["image"], device, e.channels_last)
@@ -349,29 +350,11 @@ def train_eps(
         optimizer.zero_grad(set_to_none=True)
         backward(loss, scaler)
         optimizer_step(optimizer, scaler)
-        window.add(loss_value, cls.item(), sal.item() if sal is not None else 0.0, overlap, labels)
-
-        metrics: dict[str, Any] = {}
-        if step % e.log_every == 0 or step == e.iterations:
-            last_logged = window.summary(class_names, use_saliency)
-            for name, value in last_logged.items():
-                check_finite(name, value, step=step)
-            metrics.update(last_logged)
-            metrics["eps/lr"] = lr
-            window = _LogWindow(layout.num_classes)
-        if eval_ids and step % e.eval_every == 0:
-            metrics["eps_miou_tune"] = _evaluate(model, layout, eval_ids, e=e, device=device)
-        checkpoint_dir = None
-        if step % e.checkpoint_every == 0 or step == e.iterations:
-            ckpts.save(step, training_state(step, model=model, optimizer=optimizer, scaler=scaler, window=window,
-                                            last_logged=last_logged))
-            checkpoint_dir = str(ckpts.directory)
-        if metrics or checkpoint_dir:
-            metrics.setdefault("eps/lr", lr)
-            reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+        loop.window.add(loss_value, cls.item(), sal.item() if sal is not None else 0.0, overlap, labels)
+        loop.after_step(step, lr)
 
     save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **last_logged})
+    atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **loop.last_logged})
     return model_path
 
 
