@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from wsss_tune.ops.labelmap import score_argmax
 from wsss_tune.ops.metric import IGNORE_INDEX
 from wsss_tune.ops.neighbors import DEFAULT_RADIUS, pair_valid, pair_views
 
@@ -263,8 +264,8 @@ def dual_threshold_labels(
     low, keys = stack(alpha_low)
     high, _ = stack(alpha_high)
     no_score = torch.maximum(low.amax(dim=0), high.amax(dim=0)) < NO_SCORE_EPS
-    low_idx = low.argmax(dim=0)
-    high_idx = high.argmax(dim=0)
+    low_idx = score_argmax(low, dim=0)
+    high_idx = score_argmax(high, dim=0)
     out = keys[low_idx]
     out[low_idx == 0] = ignore_index
     out[high_idx == 0] = 0

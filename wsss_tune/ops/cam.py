@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wsss_tune.ops.labelmap import score_argmax
+
 __all__ = [
     "CAM_NORM_EPS",
     "REFERENCE_CAM_SCALES",
@@ -143,4 +145,4 @@ def cam_to_mask(
         background = cams[num_classes:]
     else:
         raise ValueError(f"bg_mode: expected 'constant' or 'learned', got {bg_mode!r}")
-    return torch.cat([background, class_maps], dim=0).argmax(dim=0)
+    return score_argmax(torch.cat([background, class_maps], dim=0), dim=0)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_tune.ops.affinity import cam_scores_with_background, scores_at_stride
+from wsss_tune.ops.labelmap import score_argmax
 from wsss_tune.ops.neighbors import DEFAULT_RADIUS, neighbor_offsets, pair_crop, pair_indices, pair_valid
 
 __all__ = [
@@ -417,5 +418,5 @@ def rw_labels(
                              f"(expected ({(h - 1) * stride}, {h * stride}] x ({(w - 1) * stride}, {w * stride}])")
         up = F.interpolate(x, size=(h * stride, w * stride), mode="bilinear", align_corners=align_corners)
         up = up[..., :height, :width]
-    out = keys.to(device=x.device, dtype=torch.long)[up.argmax(dim=1)]
+    out = keys.to(device=x.device, dtype=torch.long)[score_argmax(up, dim=1)]
     return out if scores.dim() == 4 else out[0]

@@ -47,6 +47,7 @@ from wsss_tune.ops.affinity import (
     labels_at_stride,
     scores_at_stride,
 )
+from wsss_tune.ops.labelmap import score_argmax
 from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.ops.neighbors import neighbor_offsets, pair_crop
 from wsss_tune.ops.random_walk import random_walk, rw_labels, rw_scores_from_cams
@@ -601,7 +602,7 @@ def _crf_labels(walked: Tensor, image: np.ndarray, keys: Tensor, stride: int) ->
                        align_corners=False)[0, :, :height, :width]
     probs = up.clamp_min(0) / up.clamp_min(0).sum(0, keepdim=True).clamp_min(_PROB_EPS)
     refined = torch.as_tensor(dense_crf(image, probs.cpu()))
-    return keys[refined.argmax(0)]
+    return keys[score_argmax(refined, dim=0)]
 
 
 def run_random_walk(

@@ -34,6 +34,7 @@ from wsss_tune.config import DeepLabConfig, PipelineConfig, to_dict
 from wsss_tune.data import SegmentationDataset, TrainTransform, VOCLayout, normalize_image, save_mask_png
 from wsss_tune.models.deeplab import build_deeplab, deeplab_param_groups
 from wsss_tune.ops.crf import dense_crf
+from wsss_tune.ops.labelmap import score_argmax
 from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.ops.seg_loss import msc_loss
 from wsss_tune.reporting import Reporter, check_finite
@@ -324,7 +325,7 @@ def evaluate_model(
                                  f"image {layout.image_path(image_id)} is {image.shape[1]}x{image.shape[0]}")
             probs = predict_probs(model, image, test_scales=test_scales, test_flip=test_flip, crf=crf, amp=amp,
                                   device=device, channels_last=channels_last)
-            pred = probs.argmax(0)
+            pred = score_argmax(probs, dim=0)
             gt_t = torch.from_numpy(gt).to(pred.device, non_blocking=True)
             out[image_id] = ConfusionMatrix(num_classes=k).update(pred, gt_t).matrix
             if prediction_dir is not None:
