@@ -186,6 +186,7 @@ def _walk_fused(x: torch.Tensor, taps: list[tuple[int, int]], weights: torch.Ten
     grid = weights.new_zeros(bsz, len(taps), rows, row)
     grid[(..., *inner)] = weights
     flat = planes.reshape(2, bsz, k, rows * row).numpy()
+    flat_weights = grid.reshape(bsz, len(taps), rows * row).numpy()
     offsets = np.array([sy * row + sx for sy, sx in taps], dtype=np.int64)
     lo, hi = top * row, (top + h) * row
     out: dict[int, torch.Tensor] = {0: x.clone()} if steps[0] == 0 else {}
@@ -193,8 +194,7 @@ def _walk_fused(x: torch.Tensor, taps: list[tuple[int, int]], weights: torch.Ten
     for t in steps:
         if t == 0:
             continue
-        walk_steps(flat[cur], flat[1 - cur], grid.reshape(bsz, len(taps), rows * row).numpy(), offsets, lo, hi,
-                   t - done)
+        walk_steps(flat[cur], flat[1 - cur], flat_weights, offsets, lo, hi, t - done)
         cur, done = (cur + t - done) % 2, t
         out[t] = planes[cur][(..., *inner)].clone()
     return out
