@@ -12,6 +12,12 @@ An experiment folder holds, next to Ray Tune's own files:
 ``runs/<trial>/``   each trial's resolved ``config.yaml`` and ``metrics.json``
 ==================  ===========================================================================
 
+**Self-contained folders.** Every path these files hold that points inside the experiment folder (the
+study, the run folders, the W&B folder) is written relative to the folder and resolved against the
+folder it is read from (:func:`load_sweep`, :func:`load_experiment`), so a copied or moved experiment
+reads, resumes and reports on its own and never reaches back into the original. Folders written with
+absolute paths are rebased onto the folder they are read from.
+
 Statuses: ``completed`` (the pipeline finished; its metrics are at full fidelity), ``pruned``
 (stopped early by the scheduler), ``failed`` (raised; ``error`` says what), ``incomplete`` (never
 ran, or was interrupted and not resumed).
@@ -26,6 +32,7 @@ This module builds plain data (records, rows); drawing tables is left to the cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,14 +56,21 @@ __all__ = [
     "RUNS_DIR",
     "STATUSES",
     "PARAM_PREFIX",
+    "ResultsError",
     "TrialRecord",
     "ExperimentResult",
+    "load_sweep",
+    "portable_sweep",
     "heldout_metric_name",
     "space_to_dict",
     "pick_best",
     "find_reference",
     "write_experiment",
     "load_experiment",
+    "read_trials_table",
+    "rebuild_hint",
+    "resolve_paths",
+    "run_dir_in",
     "stage_miou_rows",
 ]
 
@@ -70,12 +84,135 @@ STATUSES = ("completed", "pruned", "failed", "incomplete")
 #: Prefix of the searched-value columns of ``trials.parquet`` (``config/eps.tau``, as Ray names them).
 PARAM_PREFIX = "config/"
 #: Fixed columns of ``trials.parquet`` (metrics take the other columns).
-_TRIAL_COLUMNS = ("trial_id", "status", "error", "reference", "run_dir", "reports", "seconds")
+_TRIAL_COLUMNS = ("trial_id", "status", "error", "reference", "run_dir", "reports", "seconds",
+                  "resumed_from")
 #: Relative tolerance when matching a trial's values to the reference point (floats pass through
 #: Optuna and JSON exactly, so this only absorbs representation noise).
 _REF_REL_TOL = 1e-9
 #: Stages and the metric prefix of their mask quality, in pipeline order (``stage_miou_rows``).
 _STAGE_PREFIXES = (("CAM", "cam"), ("EPS", "eps"), ("refined", "rw"), ("DeepLab", "deeplab"))
+
+
+class ResultsError(ValueError):
+    """A results file of an experiment folder is unreadable (the message names it and what to do)."""
+
+
+def rebuild_hint(exp_dir: str | Path) -> str:
+    """What to do about a damaged results file (the command that regenerates them)."""
+    return f"regenerate the results files from the study and the trial folders: `wsss-tune results rebuild {exp_dir}`"
+
+
+def _read_json(path: Path, what: str, hint: str = "") -> dict[str, Any]:
+    hint = f"; {hint}" if hint else ""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"{path}: {what} is unreadable ({exc}){hint}") from None
+    if not isinstance(doc, dict):
+        raise ResultsError(f"{path}: {what} must hold a JSON object, found {type(doc).__name__}{hint}")
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths inside an experiment folder: relative on disk, absolute once read
+# --------------------------------------------------------------------------------------------------
+
+#: Paths of ``sweep.json`` that point inside the experiment folder, as (section, key): the study, the
+#: run folders, the W&B folder (``store`` too, when it lies inside).
+_INSIDE = (("study", "storage"), ("settings", "runs_dir"), ("wandb", "dir"))
+_SQLITE = "sqlite:///"
+
+
+def _origin(doc: Mapping[str, Any]) -> Path | None:
+    """The folder an older ``sweep.json`` was written in (it recorded absolute paths), or None."""
+    storage, name = doc.get("storage"), doc.get("name")
+    if isinstance(storage, str) and isinstance(name, str) and Path(storage).is_absolute():
+        return Path(storage) / name
+    return None
+
+
+def _rebase(value: str, exp_dir: Path, origin: Path | None) -> str:
+    """A recorded path, read in ``exp_dir``: relative -> inside ``exp_dir``; absolute inside the
+    folder it was written in -> the same place inside ``exp_dir``; anything else as it is."""
+    path = Path(value)
+    if not path.is_absolute():
+        return str(exp_dir / path)
+    if origin is not None:
+        with contextlib.suppress(ValueError):
+            return str(exp_dir / path.relative_to(origin))
+    return value
+
+
+def _relative(value: str, exp_dir: Path) -> str:
+    """A path as written into the folder: relative when inside ``exp_dir``, else as it is."""
+    with contextlib.suppress(ValueError):
+        return Path(value).relative_to(exp_dir).as_posix() or "."
+    return value
+
+
+def _map_paths(doc: Mapping[str, Any], fn: Any) -> dict[str, Any]:
+    out = json.loads(json.dumps(doc, default=str))  # a deep copy
+    for section, key in _INSIDE:
+        part = out.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            value = part[key]
+            if section == "study":
+                part[key] = _SQLITE + fn(value[len(_SQLITE):] if value.startswith(_SQLITE) else value)
+            else:
+                part[key] = fn(value)
+    store = out.get("store")
+    if isinstance(store, str) and store and "://" not in store:
+        out["store"] = fn(store)
+    return out
+
+
+def resolve_paths(doc: Mapping[str, Any], exp_dir: str | Path) -> dict[str, Any]:
+    """``doc`` (``sweep.json`` / ``experiment.json``) with its in-folder paths absolute in ``exp_dir``."""
+    exp_dir = Path(exp_dir)
+    origin = _origin(doc)
+    out = _map_paths(doc, lambda v: _rebase(v, exp_dir, origin))
+    out["storage"] = str(exp_dir.parent)
+    return out
+
+
+def portable_sweep(doc: Mapping[str, Any], exp_dir: str | Path) -> dict[str, Any]:
+    """``doc`` as written into ``exp_dir``: its in-folder paths relative to the folder."""
+    exp_dir = Path(exp_dir)
+    out = _map_paths(doc, lambda v: _relative(v, exp_dir))
+    out["storage"] = ".."
+    return out
+
+
+def load_sweep(exp_dir: str | Path) -> dict[str, Any]:
+    """``<exp_dir>/sweep.json`` with its paths resolved in ``exp_dir`` (see :func:`resolve_paths`).
+
+    Raises:
+        FileNotFoundError: no ``sweep.json``. ResultsError: it is unreadable or lacks a needed key.
+    """
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    path = exp_dir / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{exp_dir}: no {SWEEP_FILE}; not an experiment folder made by `wsss-tune sweep`")
+    doc = _read_json(path, "the sweep record")
+    missing = [k for k in ("name", "metric", "mode", "requested", "study", "settings", "trainable", "resources")
+               if k not in doc]
+    if missing:
+        raise ResultsError(f"{path}: the sweep record lacks {', '.join(missing)}; it was not written by "
+                           "`wsss-tune sweep` or was edited")
+    return resolve_paths(doc, exp_dir)
+
+
+def run_dir_in(exp_dir: Path, run_dir: str, trial_id: str) -> str:
+    """A trial's recorded run folder, read in ``exp_dir`` (relative -> inside it; an absolute one of
+    an older or moved folder -> ``<exp_dir>/runs/<trial>`` when that is where it pointed)."""
+    if not run_dir:
+        return ""
+    path = Path(run_dir)
+    if not path.is_absolute():
+        return str(exp_dir / path)
+    if path.parent.name == RUNS_DIR and path.name == trial_id:
+        return str(exp_dir / RUNS_DIR / trial_id)
+    return run_dir
 
 
 def heldout_metric_name(metric: str) -> str:
@@ -138,6 +275,9 @@ class TrialRecord:
     reference: bool = False
     reports: int = 0
     seconds: float | None = None
+    #: Ray trial ids of earlier attempts of the same search trial (an interrupted trial that a
+    #: resume continued under a new id); their reports stay in ``reports.parquet`` under those ids.
+    resumed_from: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -223,8 +363,16 @@ class ExperimentResult:
         raise KeyError(f"{self.path}: no trial {trial_id!r} (trials: {', '.join(t.trial_id for t in self.trials)})")
 
     def reports(self) -> pa.Table:
-        """Every report of every trial (``reports.parquet``)."""
-        return pq.read_table(self.path / REPORTS_FILE)
+        """Every report of every trial (``reports.parquet``).
+
+        Raises:
+            ResultsError: the file is missing or unreadable (the message says how to rebuild it).
+        """
+        file = self.path / REPORTS_FILE
+        try:
+            return pq.read_table(file)
+        except (OSError, pa.ArrowException) as exc:
+            raise ResultsError(f"{file} is unreadable ({exc}); {rebuild_hint(self.path)}") from None
 
     def describe_incomplete(self) -> str:
         """One line saying what is missing, for error messages."""
@@ -271,9 +419,10 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def _trial_row(t: TrialRecord) -> dict[str, Any]:
+def _trial_row(t: TrialRecord, exp_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status, "error": t.error, "reference": t.reference,
-                           "run_dir": t.run_dir, "reports": t.reports, "seconds": t.seconds}
+                           "run_dir": _relative(t.run_dir, exp_dir) if t.run_dir else "", "reports": t.reports,
+                           "seconds": t.seconds, "resumed_from": ",".join(t.resumed_from) or None}
     row.update({PARAM_PREFIX + k: v for k, v in t.params.items()})
     row.update({k: v for k, v in t.metrics.items() if k not in row})
     return row
@@ -285,6 +434,7 @@ def write_experiment(
     sweep: Mapping[str, Any],
     trials: Sequence[TrialRecord],
     reports: Sequence[Mapping[str, Any]],
+    notes: Sequence[str] = (),
 ) -> ExperimentResult:
     """Write ``trials.parquet``, ``reports.parquet`` and ``experiment.json`` into ``path``.
 
@@ -293,8 +443,10 @@ def write_experiment(
             and ``reference_point``).
         trials: One record per trial (the ``reference`` flags are set here).
         reports: One dict per report, each with ``trial_id``.
+        notes: Problems met while gathering the results (damaged sources that were skipped), kept in
+            ``experiment.json`` as ``warnings``.
     """
-    path = Path(path)
+    path = Path(path).expanduser().resolve()
     metric, mode = sweep["metric"], sweep["mode"]
     heldout = heldout_metric_name(metric)
     ref = find_reference(trials, sweep.get("reference_point") or {})
@@ -303,37 +455,65 @@ def write_experiment(
     ref = next((t for t in trials if t.reference), None)
     counts = {s: sum(t.status == s for t in trials) for s in STATUSES}
     counts["total"] = len(trials)
-    _write_parquet(_table([_trial_row(t) for t in trials], first=_TRIAL_COLUMNS), path / TRIALS_FILE)
+    _write_parquet(_table([_trial_row(t, path) for t in trials], first=_TRIAL_COLUMNS), path / TRIALS_FILE)
     _write_parquet(_table(reports, first=("trial_id",)), path / REPORTS_FILE)
     result = ExperimentResult(path=path, name=sweep["name"], metric=metric, mode=mode, heldout_metric=heldout,
                               trials=tuple(trials), best=best, reference=ref, counts=counts,
                               requested=int(sweep["requested"]), info=dict(sweep))
     doc = {
-        **sweep,
+        **portable_sweep(sweep, path),
         "heldout_metric": heldout,
         "counts": counts,
         "complete": result.complete,
-        "best": best.summary(metric, heldout) if best else None,
-        "reference": ref.summary(metric, heldout) if ref else None,
+        "best": _portable_summary(best, metric, heldout, path),
+        "reference": _portable_summary(ref, metric, heldout, path),
         "gain_over_reference": result.gain_over_reference,
         "files": {"trials": TRIALS_FILE, "reports": REPORTS_FILE, "runs": RUNS_DIR},
+        "warnings": list(notes),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(path / EXPERIMENT_FILE, doc)
     return result
 
 
-def _records(table: pa.Table) -> list[TrialRecord]:
+def _portable_summary(t: TrialRecord | None, metric: str, heldout: str, exp_dir: Path) -> dict[str, Any] | None:
+    if t is None:
+        return None
+    out = t.summary(metric, heldout)
+    out["run_dir"] = _relative(t.run_dir, exp_dir) if t.run_dir else ""
+    return out
+
+
+def _records(table: pa.Table, exp_dir: Path) -> list[TrialRecord]:
     out = []
     for row in table.to_pylist():
         params = {k[len(PARAM_PREFIX):]: v for k, v in row.items() if k.startswith(PARAM_PREFIX) and v is not None}
         metrics = {k: v for k, v in row.items()
                    if k not in _TRIAL_COLUMNS and not k.startswith(PARAM_PREFIX) and v is not None}
         out.append(TrialRecord(trial_id=row["trial_id"], status=row["status"], params=params, metrics=metrics,
-                               error=row.get("error"), run_dir=row.get("run_dir") or "",
+                               error=row.get("error"),
+                               run_dir=run_dir_in(exp_dir, row.get("run_dir") or "", row["trial_id"]),
                                reference=bool(row.get("reference")), reports=int(row.get("reports") or 0),
-                               seconds=row.get("seconds")))
+                               seconds=row.get("seconds"),
+                               resumed_from=tuple(x for x in (row.get("resumed_from") or "").split(",") if x)))
     return out
+
+
+def read_trials_table(path: str | Path) -> list[TrialRecord]:
+    """The records of ``<path>/trials.parquet`` (run folders resolved in ``path``).
+
+    Raises:
+        FileNotFoundError: no such file. ResultsError: it is unreadable (the message says how to rebuild it).
+    """
+    path = Path(path).expanduser().resolve()
+    file = path / TRIALS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    try:
+        table = pq.read_table(file)
+        return _records(table, path)
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
+        raise ResultsError(f"{file} is unreadable ({exc}); {rebuild_hint(path)}") from None
 
 
 def load_experiment(path: str | Path) -> ExperimentResult:
@@ -345,11 +525,16 @@ def load_experiment(path: str | Path) -> ExperimentResult:
     path = Path(path).expanduser().resolve()
     doc_path, trials_path = path / EXPERIMENT_FILE, path / TRIALS_FILE
     if not doc_path.is_file() or not trials_path.is_file():
-        hint = (f"its sweep did not finish writing results; run `wsss-tune resume {path}`"
+        hint = (f"its results files are missing; {rebuild_hint(path)}, or continue the sweep with "
+                f"`wsss-tune resume {path}`"
                 if (path / SWEEP_FILE).is_file() else "not an experiment folder made by `wsss-tune sweep`")
         raise FileNotFoundError(f"{path}: no {EXPERIMENT_FILE} and {TRIALS_FILE} ({hint})")
-    doc = json.loads(doc_path.read_text())
-    trials = _records(pq.read_table(trials_path))
+    doc = _read_json(doc_path, "the experiment record", rebuild_hint(path))
+    missing = [k for k in ("name", "metric", "mode", "counts", "requested") if k not in doc]
+    if missing:
+        raise ResultsError(f"{doc_path}: the experiment record lacks {', '.join(missing)}; {rebuild_hint(path)}")
+    doc = resolve_paths(doc, path)
+    trials = read_trials_table(path)
     metric, mode = doc["metric"], doc["mode"]
     ref = next((t for t in trials if t.reference), None)
     best_id = (doc.get("best") or {}).get("trial_id")

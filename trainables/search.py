@@ -17,16 +17,24 @@ result. :class:`FidelitySearch` tells Optuna
 evaluation arrives at ``max_t``, but the pipeline still has its final result to send (and later
 stages to run), and a trial cut off there would count as pruned although it trained its full budget.
 
-Each Optuna trial records its Ray trial id (user attribute :data:`RAY_TRIAL_ATTR`), so the study in
-the experiment's SQLite file (``optuna-dashboard sqlite:///<experiment>/optuna.db``) maps onto the
-trials table.
+Each Optuna trial records its Ray trial id (user attribute :data:`RAY_TRIAL_ATTR`) and every id it
+ran under (:data:`ATTEMPTS_ATTR`), so the study in the experiment's SQLite file
+(``optuna-dashboard sqlite:///<experiment>/optuna.db``) maps onto the trials table.
+
+**The study is the searcher's state.** :class:`FidelitySearch` never pickles itself (Ray's
+``searcher-state-*.pkl``) and refuses to restore from a pickle: unpickling a file from an experiment
+folder would run whatever code it holds. A resumed sweep builds a new searcher on the same study
+(:func:`resume_plan`): it continues the search trials that were running (:class:`Continue`: same
+Optuna trial, same values, a new Ray trial id) and asks Optuna for the rest, so TPE sees every
+trial that finished before.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -39,12 +47,16 @@ from wsss_tune.spaces import SearchSpace, SpaceError
 
 from .reporter import FINAL_KEY
 
-__all__ = ["RAY_TRIAL_ATTR", "STUDY_FILE", "FidelitySearch", "FullBudgetASHA", "optuna_distributions", "study_storage"]
+__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA",
+           "optuna_distributions", "resume_plan", "study_storage"]
 
 log = logging.getLogger(__name__)
 
 #: Optuna user attribute holding the Ray trial id.
 RAY_TRIAL_ATTR = "ray_trial_id"
+#: Optuna user attribute listing every Ray trial id the search trial ran under, oldest first (a
+#: resumed sweep continues an interrupted trial under a new id).
+ATTEMPTS_ATTR = "ray_trial_ids"
 #: The study's SQLite file in the experiment folder.
 STUDY_FILE = "optuna.db"
 #: Ray's result key counting a trial's reports (the step of intermediate values without ``time_attr``).
@@ -86,27 +98,112 @@ def study_storage(path: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{path}")
 
 
+@dataclass(frozen=True)
+class Continue:
+    """A search trial to continue: its Optuna trial (``number`` in the study, ``storage_id`` in the
+    storage) and the Ray trial ids it ran under so far."""
+
+    number: int
+    storage_id: int
+    attempts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a resumed sweep runs: the running trials it continues, the failed ones it runs again
+    (as new Optuna trials with the same values), and how many trials in all (``num_samples``)."""
+
+    continued: tuple[Continue, ...]
+    rerun: tuple[tuple[Mapping[str, Any], tuple[str, ...]], ...]
+    num_samples: int
+    finished: int
+
+
+def _attempts(frozen: Any) -> tuple[str, ...]:
+    ids = frozen.user_attrs.get(ATTEMPTS_ATTR)
+    if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
+        return tuple(ids)
+    one = frozen.user_attrs.get(RAY_TRIAL_ATTR)
+    return (one,) if isinstance(one, str) else ()
+
+
+def resume_plan(study: optuna.Study, *, requested: int, rerun_failed: bool = False) -> ResumePlan:
+    """What is left of a search of ``requested`` trials whose state is ``study``.
+
+    Finished trials (complete, pruned, failed) stay as they are; running ones (the driver stopped
+    while they ran, or before Ray started them) are continued; trials waiting in the queue (the
+    reference point, when the driver stopped before asking for it) are asked as usual. With
+    ``rerun_failed`` a failed trial runs again under a new Optuna trial with the same values.
+    """
+    trials = study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL] if rerun_failed else []
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials) - len(failed)
+    remaining = max(0, requested - finished)
+    continued = tuple(Continue(number=t.number, storage_id=t._trial_id, attempts=_attempts(t))
+                      for t in running[:remaining])
+    for extra in running[remaining:]:  # more running than the search asked for (cannot happen unless edited)
+        study.tell(extra.number, state=TrialState.FAIL)
+    rerun = tuple((dict(t.params), _attempts(t)) for t in failed[: max(0, remaining - len(continued))])
+    return ResumePlan(continued=continued, rerun=rerun, num_samples=remaining, finished=finished)
+
+
 class FidelitySearch(OptunaSearch):
     """``OptunaSearch`` that files scheduler-stopped trials as PRUNED (see the module docstring).
 
     Args:
         time_attr: Result key used as the step of Optuna's intermediate values (the fidelity);
             ``training_iteration`` when None or missing from a result.
+        resume: On a resumed sweep, the search trials to continue (handed to the first Ray trials,
+            before Optuna is asked for new ones) and the failed ones to run again.
         **kwargs: Passed to ``OptunaSearch`` (``space``, ``metric``, ``mode``, ``points_to_evaluate``,
             ``sampler``, ``study_name``, ``storage``).
     """
 
-    def __init__(self, *, time_attr: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, time_attr: str | None = None, resume: ResumePlan | None = None, **kwargs: Any) -> None:
+        # Set before OptunaSearch's constructor, which sets up the study (see _setup_study).
+        self._to_continue: list[Continue] = list(resume.continued) if resume else []
+        self._to_rerun: Sequence[tuple[Mapping[str, Any], tuple[str, ...]]] = resume.rerun if resume else ()
         super().__init__(**kwargs)
         self._time_attr = time_attr
         self._last_step: dict[str, int] = {}
 
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        for params, attempts in self._to_rerun:
+            self._ot_study.enqueue_trial(dict(params), user_attrs={ATTEMPTS_ATTR: list(attempts)})
+        self._to_rerun = ()
+
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
+        if trial_id not in self._ot_trials and self._to_continue and self._space and self._metric:
+            item = self._to_continue.pop(0)
+            ot_trial = optuna.trial.Trial(self._ot_study, item.storage_id)
+            self._ot_trials[trial_id] = ot_trial
+            steps = ot_trial.storage.get_trial(item.storage_id).intermediate_values
+            if steps:
+                self._last_step[trial_id] = max(steps)
+            config: dict | None = dict(ot_trial.params)
+        else:
+            config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if config is not None and ot_trial is not None:
+            attempts = [i for i in _attempts(ot_trial.storage.get_trial(ot_trial._trial_id)) if i != trial_id]
             ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+            ot_trial.set_user_attr(ATTEMPTS_ATTR, [*attempts, trial_id])
         return config
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Nothing is pickled: the study in ``optuna.db`` is the searcher's state (module docstring)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("the searcher's state is its Optuna study; nothing is pickled")
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        self.restore(checkpoint_dir)
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise RuntimeError(f"refusing to unpickle {checkpoint_path}: a pickle from an experiment folder can run "
+                           "any code; `wsss-tune resume` rebuilds the searcher from the Optuna study instead")
 
     def _step(self, result: Mapping[str, Any]) -> int | None:
         """The fidelity of a result: ``time_attr`` when set (None if the result lacks it, e.g. a stage

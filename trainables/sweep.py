@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,20 +43,22 @@ from wsss_tune.analysis.results import (
     RUNS_DIR,
     SWEEP_FILE,
     ExperimentResult,
-    TrialRecord,
+    ResultsError,
     heldout_metric_name,
+    load_sweep,
+    portable_sweep,
+    rebuild_hint,
     space_to_dict,
     stage_miou_rows,
-    write_experiment,
 )
 from wsss_tune.config import to_dict
-from wsss_tune.spaces import SearchSpace, load_space, validate
+from wsss_tune.spaces import SearchSpace, SpaceError, load_space, space_from_dict, validate
 from wsss_tune.utils.io import atomic_write_json
 from wsss_tune.validate import require_preflight
 
 from .cluster import record_ray_session
-from .reporter import FINAL_KEY
-from .search import STUDY_FILE, optuna_distributions
+from .records import collect_results, open_study
+from .search import STUDY_FILE, ResumePlan, optuna_distributions, resume_plan
 from .trainable import SETTINGS_KEY, TRAINABLES, TrialSettings, trainable_for
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "run_sweep",
     "resume_sweep",
     "collect_results",
+    "rebuild_results",
     "print_summary",
     "sweep",
     "resume",
@@ -93,10 +95,6 @@ SUMMARY_WIDTH = 160
 STORE_DIR = "artifacts"
 #: Tune checkpoints kept per trial (the newest; training resumes from the store's work folders).
 CHECKPOINTS_TO_KEEP = 1
-#: Result keys Ray adds that the report table leaves out (the config is in trials.parquet).
-#: ``node_ip`` and ``hostname`` stay (with the trainable's ``node_id``: where the trial last ran).
-_RAY_RESULT_NOISE = frozenset({"config", "date", "pid", "done", "checkpoint_dir_name",
-                               "time_this_iter_s", "time_since_restore", "iterations_since_restore"})
 #: Synthetic dataset the demo generates (DESIGN.md §4 prototype) and its default folder.
 DEMO_PRESET = "default"
 DEMO_DATA = "data/synth"
@@ -369,7 +367,8 @@ def _callbacks(plan: SweepPlan, *, progress: str) -> list[Any]:
     return out
 
 
-def _tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None) -> Any:
+def _tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None,
+           resume: ResumePlan | None = None) -> Any:
     from optuna.logging import WARNING, set_verbosity
     from optuna.samplers import TPESampler
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
@@ -381,9 +380,11 @@ def _tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_
     set_verbosity(WARNING)  # one line per trial from Optuna would fight the live table
     searcher = FidelitySearch(
         space=optuna_distributions(space), metric=space.metric, mode=space.mode,
-        points_to_evaluate=[dict(plan.reference_point)], sampler=TPESampler(seed=seed),
-        study_name=plan.name, storage=study_storage(str(plan.exp_dir / STUDY_FILE)),
-        time_attr=space.fidelity.time_attr if space.fidelity else None,
+        # A resumed search asked for the reference point already (it waits in the study's queue if
+        # the driver stopped first).
+        points_to_evaluate=None if resume is not None else [dict(plan.reference_point)],
+        sampler=TPESampler(seed=seed), study_name=plan.name, storage=study_storage(str(plan.exp_dir / STUDY_FILE)),
+        time_attr=space.fidelity.time_attr if space.fidelity else None, resume=resume,
     )
     f = space.fidelity
     scheduler = None
@@ -396,7 +397,7 @@ def _tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                                max_concurrent_trials=max_concurrent, reuse_actors=True,
                                trial_dirname_creator=trial_dirname),
-        run_config=RunConfig(name=plan.name, storage_path=str(plan.exp_dir.parent),
+        run_config=RunConfig(name=plan.exp_dir.name, storage_path=str(plan.exp_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
                              callbacks=_callbacks(plan, progress=progress),
@@ -458,7 +459,8 @@ def run_sweep(
                       max_failures=max_failures, max_concurrent=max_concurrent, overrides=overrides, store=store,
                       cache=cache, tune_checkpoints=tune_checkpoints)
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan.exp_dir / SWEEP_FILE, plan.sweep)
+    # Paths inside the folder are written relative to it: a copied or moved experiment is self-contained.
+    atomic_write_json(plan.exp_dir / SWEEP_FILE, portable_sweep(plan.sweep, plan.exp_dir))
     with _tune_env(wandb, progress), _ray_session(address, log_to_driver=progress == "ray",
                                                           exp_dir=plan.exp_dir):
         if address is None:
@@ -471,6 +473,19 @@ def run_sweep(
     return result
 
 
+def _resumed_plan(exp_dir: Path, doc: dict[str, Any], *, num_samples: int) -> SweepPlan:
+    """The :class:`SweepPlan` of an experiment folder's ``sweep.json`` (paths resolved in ``exp_dir``)."""
+    try:
+        space = space_from_dict(doc["space"], source=doc.get("space_source"), name=doc.get("space_name"))
+    except SpaceError as exc:
+        raise SpaceError(exc.source, exc.key, f"{exc.message} (the search space recorded in {exp_dir / SWEEP_FILE})") \
+            from None
+    settings = TrialSettings.from_dict(doc["settings"])
+    return SweepPlan(space=space, exp_dir=exp_dir, name=doc["name"], num_samples=num_samples,
+                     trainable=doc["trainable"], settings=settings,
+                     reference_point=doc.get("reference_point") or {}, sweep=doc)
+
+
 def resume_sweep(
     exp_dir: str | Path,
     *,
@@ -479,31 +494,50 @@ def resume_sweep(
     address: str | None = None,
     progress: Literal["rich", "ray", "off"] = "rich",
 ) -> ExperimentResult:
-    """Continue an interrupted experiment (trials, searcher state and study kept), then rewrite results.
+    """Continue an interrupted experiment where it stopped, then rewrite its results.
+
+    Nothing is unpickled from the folder (Ray's ``tuner.pkl`` and searcher pickles are ignored): the
+    searcher is rebuilt from the Optuna study, which holds every trial. Finished trials stay as they
+    are; trials that were running continue under new Ray trial ids with the same values (the same
+    Optuna trial), their training resuming from the artifact store's work folders; the rest are
+    asked of TPE as usual. Every path comes from the folder itself, so a copied or moved experiment
+    resumes on its own.
 
     Args:
         exp_dir: The experiment folder.
-        resume_errored: Also resume failed trials from their last checkpoint.
-        restart_errored: Restart failed trials from scratch instead.
+        resume_errored / restart_errored: Also run the failed trials again, with the same values (as
+            new Optuna trials; their training resumes from the store's work folders in both cases).
         address / progress: As in :func:`run_sweep`.
 
     Raises:
-        FileNotFoundError: ``exp_dir`` is not an experiment folder, or Ray never saved its state.
+        FileNotFoundError: ``exp_dir`` is not an experiment folder. ResultsError: its sweep record or
+        study is unreadable (checked before anything is written; nothing is changed).
+        SpaceError / FileNotFoundError: its search space or data are gone.
     """
-    from ray.tune import Tuner
-
+    if progress not in PROGRESS_MODES:
+        raise ValueError(f"progress={progress!r}: expected one of {', '.join(PROGRESS_MODES)}")
     exp_dir = Path(exp_dir).expanduser().resolve()
-    sweep_path = exp_dir / SWEEP_FILE
-    if not sweep_path.is_file():
-        raise FileNotFoundError(f"{exp_dir}: no {SWEEP_FILE}; not an experiment folder made by `wsss-tune sweep`")
-    doc = json.loads(sweep_path.read_text())
-    if not Tuner.can_restore(str(exp_dir)):
-        raise FileNotFoundError(f"{exp_dir}: Ray saved no experiment state (the sweep stopped before its first "
-                                "trial); start it again with `wsss-tune sweep`")
+    doc = load_sweep(exp_dir)
+    try:
+        study = open_study(doc)
+    except ResultsError as exc:
+        raise ResultsError(f"cannot resume {exp_dir}: {exc}. Nothing was changed; the trial folders still hold "
+                           f"every result: {rebuild_hint(exp_dir)}") from None
+    plan = _resumed_plan(exp_dir, doc, num_samples=0)
+    _check_data(plan.space)
+    todo = resume_plan(study, requested=int(doc["requested"]), rerun_failed=resume_errored or restart_errored)
+    if todo.num_samples == 0:
+        return collect_results(exp_dir, study=study)  # every requested trial has finished
+    plan = dataclasses.replace(plan, num_samples=todo.num_samples)
+    resources = doc["resources"]
+    # A new sampler seed per resume: the seeded start-up samples must not repeat the first run's.
+    seed = int(doc.get("seed") or 0) + len(study.trials)
     with _tune_env(doc["wandb"]["mode"], progress), _ray_session(address, log_to_driver=progress == "ray",
                                                                  exp_dir=exp_dir):
-        tuner = Tuner.restore(str(exp_dir), trainable=_with_resources(doc["trainable"], doc["resources"]),
-                              resume_unfinished=True, resume_errored=resume_errored, restart_errored=restart_errored)
+        if address is None:
+            _check_resources(resources["cpus_per_trial"], resources["gpus_per_trial"])
+        tuner = _tuner(plan, progress=progress, seed=seed, max_failures=int(doc.get("max_failures") or 0),
+                       max_concurrent=doc.get("max_concurrent"), resume=todo)
         try:
             tuner.fit()
         finally:
@@ -511,106 +545,10 @@ def resume_sweep(
     return result
 
 
-# --------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_result_rows(trial_path: str | None) -> list[dict[str, Any]]:
-    if not trial_path:
-        return []
-    path = Path(trial_path) / "result.json"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows
-
-
-def _clean(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k not in _RAY_RESULT_NOISE and not isinstance(v, dict | list)}
-
-
-def _error_line(text: str | None) -> str | None:
-    if not text:
-        return None
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else None
-
-
-def _fail_orphaned_study_trials(study: Mapping[str, Any], known: set[str]) -> list[int]:
-    """Mark as FAIL the study's RUNNING trials that Ray does not know: asked by a driver that was
-    killed before it saved them, they never run (a resumed sweep asks anew). Returns their numbers."""
-    import optuna
-    from optuna.trial import TrialState
-
-    from .search import RAY_TRIAL_ATTR
-
-    loaded = optuna.load_study(study_name=study["name"], storage=study["storage"])
-    orphans = [t.number for t in loaded.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if t.user_attrs.get(RAY_TRIAL_ATTR) not in known]
-    for number in orphans:
-        loaded.tell(number, state=TrialState.FAIL)
-    return orphans
-
-
-def collect_results(exp_dir: str | Path) -> ExperimentResult:
-    """Read Ray's record of the experiment in ``exp_dir`` and write its results files.
-
-    Also closes the Optuna trials an interrupted driver left RUNNING although Ray never saved them
-    (see :func:`_fail_orphaned_study_trials`); trials Ray will resume are left as they are.
-
-    Raises:
-        FileNotFoundError: no ``sweep.json`` in ``exp_dir``.
-    """
-    exp_dir = Path(exp_dir).expanduser().resolve()
-    sweep_path = exp_dir / SWEEP_FILE
-    if not sweep_path.is_file():
-        raise FileNotFoundError(f"{exp_dir}: no {SWEEP_FILE}; not an experiment folder made by `wsss-tune sweep`")
-    sweep_doc = json.loads(sweep_path.read_text())
-    runs_dir = Path(sweep_doc["settings"]["runs_dir"])
-    trials: list[Any] = []
-    if any(exp_dir.glob("experiment_state-*.json")):
-        from ray.tune import ExperimentAnalysis
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trials = list(ExperimentAnalysis(str(exp_dir)).trials)
-    records: list[TrialRecord] = []
-    reports: list[dict[str, Any]] = []
-    for trial in sorted(trials, key=lambda t: t.trial_id):
-        rows = _read_result_rows(trial.path)
-        for row in rows:
-            reports.append({"trial_id": trial.trial_id, **_clean(row)})
-        last = dict(trial.last_result or (rows[-1] if rows else {}))
-        if trial.status == "ERROR":
-            status, error = "failed", _error_line(trial.get_error()) or "the trial raised (no error text saved)"
-        elif last.get(FINAL_KEY):
-            status, error = "completed", None
-        elif trial.status == "TERMINATED":
-            status, error = "pruned", None
-        else:
-            status, error = "incomplete", None
-        params = {k: v for k, v in trial.config.items() if k != SETTINGS_KEY}
-        seconds = last.get("time_total_s")
-        records.append(TrialRecord(
-            trial_id=trial.trial_id, status=status, params=params,
-            metrics={**{k: v for k, v in _clean(last).items() if k not in ("trial_id", "timestamp")},
-                     # attempts that raised (retried while fewer than FailureConfig.max_failures)
-                     "num_failures": int(getattr(trial, "num_failures", 0) or 0)},
-            error=error, run_dir=str(runs_dir / trial.trial_id), reports=len(rows),
-            seconds=float(seconds) if isinstance(seconds, int | float) else None,
-        ))
-    if trials and (exp_dir / STUDY_FILE).is_file():
-        _fail_orphaned_study_trials(sweep_doc["study"], {t.trial_id for t in trials})
-    return write_experiment(exp_dir, sweep=sweep_doc, trials=records, reports=reports)
+def rebuild_results(exp_dir: str | Path) -> ExperimentResult:
+    """Regenerate ``trials.parquet``, ``reports.parquet`` and ``experiment.json`` from what is on disk
+    (the study, the trial folders, Ray's state as JSON; see :mod:`trainables.records`)."""
+    return collect_results(exp_dir)
 
 
 # --------------------------------------------------------------------------------------------------
