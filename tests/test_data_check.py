@@ -19,6 +19,7 @@ from wsss_tune.data import (
     save_mask_png,
     to_tensors,
 )
+from wsss_tune.data.check import WARNING_KINDS
 
 SPLITS = ["train_aug", "train", "val"]
 
@@ -130,3 +131,63 @@ def test_loaders_raise_the_same_clear_error(synth_copy: Path) -> None:
     with pytest.raises(DataError, match="mask values 9 outside 0..5 and 255") as err:
         seg_ds[0]
     assert Problem.from_error(err.value) == problems[f"{train[5]}.png"]
+
+
+# --------------------------------------------------------------------------------------------------
+# warnings: images with no class at all
+# --------------------------------------------------------------------------------------------------
+
+
+def test_clean_dataset_has_no_warnings_either(synth_layout: VOCLayout) -> None:
+    assert check_dataset(synth_layout, SPLITS, warnings=True) == []
+
+
+def test_images_without_any_class_are_warnings_listing_the_ids(synth_copy: Path) -> None:
+    """Two train images get an all-zero label vector in cls_labels.npy: with ``warnings=True`` each is a
+    ``no_class`` warning naming its id; without it, and among the errors, nothing changes."""
+    layout = VOCLayout(root=synth_copy)
+    train = layout.split_ids("train")
+    labels = layout.load_cls_labels()
+    for image_id in train[:2]:
+        labels[image_id] = np.zeros_like(labels[image_id])
+    np.save(synth_copy / "cls_labels.npy", labels, allow_pickle=True)
+
+    assert check_dataset(VOCLayout(root=synth_copy), SPLITS) == []  # a warning is no problem
+    found = check_dataset(VOCLayout(root=synth_copy), SPLITS, warnings=True)
+    assert [(p.kind, p.severity, Path(p.file).name) for p in found] == [("no_class", "warning", "cls_labels.npy")] * 2
+    assert [p.message.split(":")[0] for p in found] == train[:2]  # ids shared by train and train_aug once
+    assert set(WARNING_KINDS) == {"no_class"}
+
+    text = format_problems(found)
+    assert text.splitlines()[:3] == ["no problems found", "2 warning(s):", "no_class (2):"]
+    assert all(image_id in text for image_id in train[:2])
+
+
+def test_warnings_follow_the_errors_in_the_report(synth_copy: Path) -> None:
+    layout = VOCLayout(root=synth_copy)
+    val = layout.split_ids("val")
+    labels = layout.load_cls_labels()
+    labels[val[2]] = np.zeros_like(labels[val[2]])
+    np.save(synth_copy / "cls_labels.npy", labels, allow_pickle=True)
+    layout.mask_path(val[1]).unlink()
+    found = check_dataset(VOCLayout(root=synth_copy), ["val"], warnings=True)
+    assert sorted((p.kind, p.severity) for p in found) == [("missing_file", "error"), ("no_class", "warning")]
+    lines = format_problems(found).splitlines()
+    assert lines[0] == "1 problem(s) found:" and lines[1] == "missing_file (1):"
+    assert lines[3:5] == ["1 warning(s):", "no_class (1):"] and lines[5].startswith(f"  {val[2]}: no class at all")
+
+
+def test_no_class_from_masks_and_annotations_names_their_file(synth_copy: Path) -> None:
+    """Labels derived from an all-background mask, or from an annotation without objects."""
+    masks = VOCLayout(root=synth_copy, label_source="masks")
+    image_id = masks.split_ids("val")[0]
+    mask = masks.load_mask(image_id)
+    save_mask_png(masks.mask_path(image_id), np.where(mask == 255, 255, 0).astype(np.uint8))
+    found = check_dataset(VOCLayout(root=synth_copy, label_source="masks"), ["val"], saliency=False, warnings=True)
+    assert [(p.kind, p.file) for p in found] == [("no_class", str(masks.mask_path(image_id)))]
+
+    notes = VOCLayout(root=synth_copy, label_source="annotations")
+    other = notes.split_ids("val")[1]
+    notes.annotation_path(other).write_text("<annotation><filename>x.jpg</filename></annotation>")
+    found = check_dataset(notes, ["val"], saliency=False, masks_for=[], warnings=True)
+    assert [(p.kind, p.file) for p in found] == [("no_class", str(notes.annotation_path(other)))]

@@ -167,6 +167,18 @@ INVALID: list[tuple[str, Any, str]] = [
     ("step does not divide the range", _param("rw.logt", kind="int", low=1, high=5, step=3), "params.rw.logt.step"),
     ("log int with a step", _param("rw.logt", kind="int", low=1, high=5, step=2, log=True), "params.rw.logt.step"),
     ("reference point outside the range", _param("rw.beta", kind="uniform", low=9, high=12), "params.rw.beta"),
+    # parameters against the config's declared valid values
+    ("range past a field's upper limit", _param("eps.tau", kind="uniform", low=0.3, high=1.5), "params.eps.tau.high"),
+    ("range below a field's lower limit", _param("eps.lam", kind="uniform", low=-0.5, high=0.8),
+     "params.eps.lam.low"),
+    ("range from an excluded end", _param("eps.lr", kind="uniform", low=0, high=0.01), "params.eps.lr.low"),
+    ("walk steps past the limit", _param("rw.logt", kind="int", low=1, high=40), "params.rw.logt.high"),
+    ("choice outside the valid values", _param("rw.alpha", kind="categorical", choices=[4.0, -1.0]),
+     "params.rw.alpha.choices[1]"),
+    # each range is fine with the base (alpha_low 4, alpha_high 32); alpha_low 20 with alpha_high 10 is not
+    ("ranges whose corners break a rule", _with(params={
+        **VALID["params"], "affinity.alpha_low": {"kind": "uniform", "low": 2, "high": 20},
+        "affinity.alpha_high": {"kind": "uniform", "low": 10, "high": 40}}), "params.affinity.alpha_low"),
     ("no parameters", _with(params={}), "params"),
     # top level
     ("unknown top-level key", _with(sampler="tpe"), "sampler"),
@@ -186,6 +198,9 @@ INVALID: list[tuple[str, Any, str]] = [
     ("override of an unknown field", _with(overrides={"rw.nope": 1}), "overrides.rw.nope"),
     ("override of the wrong type", _with(overrides={"rw.pad_border": "yes"}), "overrides.rw.pad_border"),
     ("override of the split fields", _with(overrides={"data.tune_split": "x"}), "overrides.data.tune_split"),
+    ("override outside the valid values", _with(overrides={"rw.alpha": 0}), "overrides.rw.alpha"),
+    ("override breaking a rule over fields", _with(overrides={"eps.resize_long": [200, 100]}),
+     "overrides.eps.resize_long"),
     # fidelity
     ("grace period above max_t", _with(fidelity={"max_t": 8, "grace_period": 9}), "fidelity.grace_period"),
     ("unknown fidelity key", _with(fidelity={"max_t": 8, "grace_period": 2, "milestones": [2]}),
@@ -198,7 +213,7 @@ INVALID: list[tuple[str, Any, str]] = [
 
 
 def test_every_invalid_case_is_listed_once() -> None:
-    assert len(INVALID) == 40 and len({name for name, _, _ in INVALID}) == len(INVALID)
+    assert len(INVALID) == 48 and len({name for name, _, _ in INVALID}) == len(INVALID)
 
 
 @pytest.mark.parametrize(("data", "key"), [(d, k) for _, d, k in INVALID], ids=[n for n, _, _ in INVALID])
@@ -208,6 +223,24 @@ def test_invalid_space_names_file_and_key(tmp_path: Path, data: Any, key: str) -
         load_space(path)
     assert info.value.key == key and info.value.source == str(path)
     assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+def test_range_errors_carry_the_config_message_with_the_full_key(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError) as info:
+        load_space(write(tmp_path, _param("eps.tau", kind="uniform", low=0.3, high=1.5)))
+    assert "eps.tau: expected a value in [0, 1], got 1.5" in info.value.message
+    with pytest.raises(SpaceError) as info:
+        load_space(write(tmp_path, _param("rw.logt", kind="int", low=1, high=40)))
+    assert "rw.logt: expected a value <= 12" in info.value.message and "run.allow_expensive" in info.value.message
+
+
+def test_walk_steps_past_the_limit_are_searchable_when_allowed(tmp_path: Path) -> None:
+    """run.allow_expensive in the overrides lifts the rw.logt cap for the whole space."""
+    data = _param("rw.logt", kind="int", low=1, high=14)
+    data["overrides"] = {**data["overrides"], "run.allow_expensive": True}
+    space = load_space(write(tmp_path, data))
+    assert space.base_config().run.allow_expensive is True
+    assert next(p for p in space.params if p.path == "rw.logt").high == 14
 
 
 def test_the_valid_space_is_valid(tmp_path: Path) -> None:

@@ -6,13 +6,26 @@ artifact store). Defaults reproduce the public reference implementations (DESIGN
 
 Turning YAML/overrides into dataclasses happens only here (:func:`from_dict`, :func:`apply_overrides`),
 so a wrong key or type is reported once, by its dotted path.
+
+Valid values. Every numeric field declares its valid values next to its default (:func:`_valid`, a
+:class:`Range` in the field's metadata; for a list field, the range of each element). A section checks
+its fields when it is made, and :class:`PipelineConfig` checks the rules that span fields or sections,
+so no config with a value out of range exists: a bad value in a YAML file, an override, a trial's
+parameters or a direct ``dataclasses.replace`` is a :class:`ConfigError` naming the full key
+(``eps.tau: expected a value in [0, 1], got 1.5``) before anything runs. Search spaces check their
+ranges against the same declaration (:func:`check_field`, :mod:`wsss_tune.spaces`).
+
+Costly settings. A field whose cost grows without bound has a sane maximum that only
+``run.allow_expensive: true`` lifts; today that is ``rw.logt`` (:data:`MAX_LOGT`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -43,6 +56,13 @@ __all__ = [
     "config_hash",
     "field_type",
     "check_value",
+    "check_field",
+    "Range",
+    "field_rule",
+    "MAX_LOGT",
+    "UniqueKeyLoader",
+    "DuplicateKeyError",
+    "parse_yaml",
 ]
 
 
@@ -51,12 +71,133 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
+# Valid values, declared once per field
+# --------------------------------------------------------------------------------------------------
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: an interval, closed unless ``low_open``/``high_open``;
+    ``None`` leaves that side unbounded. Floats must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        """``a value in [0, 1]``, ``a value > 0``, ``a value >= 1``, ..."""
+        if self.low is not None and self.high is not None:
+            return (f"a value in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"a value {'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"a value {'<' if self.high_open else '<='} {_num(self.high)}"
+        return "a finite value"
+
+
+#: Shorthands for the ranges most fields use.
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+UNIT = Range(0, 1)
+#: SGD momentum: 1 or more never decays the velocity (the run diverges).
+MOMENTUM = Range(0, 1, high_open=True)
+
+#: ``rw.logt`` above this (``2**12`` = 4,096 walk steps; the reference uses 8) is refused unless
+#: ``run.allow_expensive`` is true: the walk's cost doubles with every step of ``logt``.
+MAX_LOGT = 12
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What a field accepts beyond its type: ``valid`` for a number or for every element of a list,
+    or one range per position of a fixed-length list; ``min_items`` for a variable-length list."""
+
+    valid: Range | tuple[Range, ...]
+    min_items: int = 0
+
+    def check(self, value: Any, key: str) -> None:
+        if isinstance(value, tuple):
+            if len(value) < self.min_items:
+                raise ConfigError(f"{key}: expected at least {self.min_items} value(s), got {list(value)}")
+            ranges = self.valid if isinstance(self.valid, tuple) else (self.valid,) * len(value)
+            for i, (rng, v) in enumerate(zip(ranges, value, strict=False)):
+                _check_in(rng, v, f"{key}[{i}]")
+            return
+        assert isinstance(self.valid, Range), key
+        _check_in(self.valid, value, key)
+
+
+def _check_in(rng: Range, value: Any, key: str) -> None:
+    if value in rng:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+    wanted = rng.describe()
+    if not math.isfinite(value):
+        wanted = wanted.replace("a value", "a finite value", 1)
+    raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
+
+
+_RULE = "wsss_tune.valid"
+
+
+def _valid(default: Any, valid: Range | tuple[Range, ...], *, min_items: int = 0) -> Any:
+    """A dataclass field with ``default`` whose values must lie in ``valid`` (see :class:`FieldRule`)."""
+    return field(default=default, metadata={_RULE: FieldRule(valid, min_items)})
+
+
+def field_rule(cls: type, name: str) -> FieldRule | None:
+    """The declared valid values of field ``name`` of section class ``cls`` (None: any value of its type)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get(_RULE)
+    raise KeyError(name)
+
+
+class _Checked:
+    """Base of the config sections: every field is checked against its declared rule when a section
+    is made (also by ``dataclasses.replace``), then :meth:`_check_together` runs the rules that tie
+    fields of the section together."""
+
+    def __post_init__(self) -> None:
+        section = _SECTION_NAMES.get(type(self), type(self).__name__)
+        for f in fields(self):  # type: ignore[arg-type]
+            rule = f.metadata.get(_RULE)
+            if rule is not None:
+                rule.check(getattr(self, f.name), f"{section}.{f.name}")
+        self._check_together(section)
+
+    def _check_together(self, section: str) -> None:
+        """Rules over several fields of the section; none by default."""
+
+
+def _check_resize_long(value: tuple[int, int], key: str) -> None:
+    low, high = value
+    if low > high:
+        raise ConfigError(f"{key}: expected [low, high] with low <= high, got {list(value)}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
     """Where the VOC-format dataset lives and which splits each stage uses.
 
     Relative paths are resolved against the working directory when the config is loaded
@@ -78,11 +219,12 @@ class DataConfig:
     #: scored on ``heldout_split`` which the search never saw. Empty = derived by halving ``val_split``.
     tune_split: str = ""
     heldout_split: str = ""
-    num_workers: int = 2
+    #: Data-loader worker processes (0 = load in the training process).
+    num_workers: int = _valid(2, NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
-class EPSConfig:
+class EPSConfig(_Checked):
     """EPS classifier (Lee et al., CVPR 2021) training and CAM inference."""
 
     #: ``eps`` = classification + saliency loss; ``cam`` = the plain CAM baseline (no saliency loss).
@@ -90,81 +232,103 @@ class EPSConfig:
     backbone: str = "resnet38"
     #: Local ImageNet weights (.pth / MXNet .params); empty = random init.
     pretrained: str = ""
-    tau: float = 0.4
-    lam: float = 0.5
+    #: Overlap threshold: a present class whose CAM overlaps the saliency map by more than tau is
+    #: foreground. An overlap ratio, so in [0, 1].
+    tau: float = _valid(0.4, UNIT)
+    #: Weight of the foreground term of the estimated saliency map, in [0, 1].
+    lam: float = _valid(0.5, UNIT)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.01
-    weight_decay: float = 5e-4
+    lr: float = _valid(0.01, POSITIVE)
+    weight_decay: float = _valid(5e-4, NON_NEGATIVE)
     #: The reference passes weight decay into SGD's momentum slot, so its *effective* momentum is
     #: 5e-4. We keep that as the default to reproduce the published numbers; 0.9 is the usual choice.
-    momentum: float = 5e-4
-    head_lr_mult: float = 10.0
-    poly_power: float = 0.9
-    iterations: int = 20000
-    batch_size: int = 8
-    crop_size: int = 448
-    resize_long: tuple[int, int] = (256, 512)
-    #: Colour jitter (brightness, contrast, saturation, hue) on the image only.
-    jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
-    #: Evaluate pseudo-mask mIoU on ``eval_images`` images every ``eval_every`` iterations (0 = never).
-    eval_every: int = 1000
-    eval_images: int = 64
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    cam_scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    momentum: float = _valid(5e-4, MOMENTUM)
+    #: LR multiplier of the new head (0 freezes it).
+    head_lr_mult: float = _valid(10.0, NON_NEGATIVE)
+    #: Poly decay power (0 = constant LR).
+    poly_power: float = _valid(0.9, NON_NEGATIVE)
+    iterations: int = _valid(20000, AT_LEAST_ONE)
+    batch_size: int = _valid(8, AT_LEAST_ONE)
+    crop_size: int = _valid(448, AT_LEAST_ONE)
+    #: Random long-side resize range [low, high] in pixels, low <= high.
+    resize_long: tuple[int, int] = _valid((256, 512), AT_LEAST_ONE)
+    #: Colour jitter (brightness, contrast, saturation, hue) on the image only; hue at most 0.5.
+    jitter: tuple[float, float, float, float] = _valid(
+        (0.3, 0.3, 0.3, 0.1), (NON_NEGATIVE, NON_NEGATIVE, NON_NEGATIVE, Range(0, 0.5)))
+    #: Evaluate pseudo-mask mIoU on ``eval_images`` images every ``eval_every`` iterations (either 0 = never).
+    eval_every: int = _valid(1000, NON_NEGATIVE)
+    eval_images: int = _valid(64, NON_NEGATIVE)
+    checkpoint_every: int = _valid(1000, AT_LEAST_ONE)
+    log_every: int = _valid(50, AT_LEAST_ONE)
+    #: Inference scales (one or more, each > 0).
+    cam_scales: tuple[float, ...] = _valid((0.5, 1.0, 1.5, 2.0), POSITIVE, min_items=1)
     cam_flip: bool = True
-    #: Constant background score of the reference pseudo-label rule.
-    bg_threshold: float = 0.20
+    #: Constant background score of the reference pseudo-label rule. Class maps are max-normalised to
+    #: [0, 1), so 1 or more labels every pixel background (a harmless extreme, not refused).
+    bg_threshold: float = _valid(0.20, NON_NEGATIVE)
     #: ``constant`` = reference rule; ``learned`` = use the background channel of the C+1 maps.
     bg_mode: Literal["constant", "learned"] = "constant"
     amp: bool = True
     channels_last: bool = True
 
+    def _check_together(self, section: str) -> None:
+        _check_resize_long(self.resize_long, f"{section}.resize_long")
+
 
 @dataclass(frozen=True)
-class AffinityConfig:
+class AffinityConfig(_Checked):
     """AffinityNet (Ahn & Kwak, CVPR 2018) training on the EPS output."""
 
     #: ``eps_masks`` = final EPS pseudo masks (the seed's design); ``cam_dual`` = the PSA reference's
-    #: dual-threshold CAM labels (confident bg from ``alpha_low``, fg from ``alpha_high``).
+    #: dual-threshold CAM labels (confident bg from ``alpha_low``, fg from ``alpha_high``);
+    #: 0 < alpha_low < alpha_high.
     label_source: Literal["eps_masks", "cam_dual"] = "eps_masks"
-    alpha_low: float = 4.0
-    alpha_high: float = 32.0
+    alpha_low: float = _valid(4.0, POSITIVE)
+    alpha_high: float = _valid(32.0, POSITIVE)
     #: ``eps`` = start from the EPS checkpoint's backbone; ``imagenet`` = from ``pretrained``.
     init: Literal["eps", "imagenet"] = "eps"
     backbone: str = ""  # empty = the EPS backbone
     pretrained: str = ""
     #: Reduction widths for the last three backbone stages and the final 1x1 conv (seed: 896).
-    widths: tuple[int, int, int] = (128, 256, 512)
-    out_channels: int = 896
-    radius: int = 5
+    widths: tuple[int, int, int] = _valid((128, 256, 512), AT_LEAST_ONE)
+    out_channels: int = _valid(896, AT_LEAST_ONE)
+    #: Pairs within this many feature cells (a pair needs |offset| < radius, so at least 2).
+    radius: int = _valid(5, Range(2))
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 5e-4  # same reference quirk as EPS
-    head_lr_mult: float = 10.0
-    poly_power: float = 0.9
-    epochs: int = 8
+    lr: float = _valid(0.1, POSITIVE)
+    weight_decay: float = _valid(5e-4, NON_NEGATIVE)
+    momentum: float = _valid(5e-4, MOMENTUM)  # same reference quirk as EPS
+    head_lr_mult: float = _valid(10.0, NON_NEGATIVE)
+    poly_power: float = _valid(0.9, NON_NEGATIVE)
+    epochs: int = _valid(8, AT_LEAST_ONE)
     #: If > 0, overrides ``epochs`` with a fixed number of iterations.
-    iterations: int = 0
-    batch_size: int = 8
-    crop_size: int = 448
-    resize_long: tuple[int, int] = (448, 768)
-    log_every: int = 50
-    checkpoint_every: int = 1000
+    iterations: int = _valid(0, NON_NEGATIVE)
+    batch_size: int = _valid(8, AT_LEAST_ONE)
+    crop_size: int = _valid(448, AT_LEAST_ONE)
+    resize_long: tuple[int, int] = _valid((448, 768), AT_LEAST_ONE)
+    log_every: int = _valid(50, AT_LEAST_ONE)
+    checkpoint_every: int = _valid(1000, AT_LEAST_ONE)
     amp: bool = True
     channels_last: bool = True
 
+    def _check_together(self, section: str) -> None:
+        _check_resize_long(self.resize_long, f"{section}.resize_long")
+        if not self.alpha_low < self.alpha_high:
+            raise ConfigError(f"{section}.alpha_low: expected a value below {section}.alpha_high "
+                              f"({_num(self.alpha_high)}), got {self.alpha_low!r}")
+
 
 @dataclass(frozen=True)
-class RWConfig:
+class RWConfig(_Checked):
     """Random walk refinement of the EPS class scores with AffinityNet affinities."""
 
-    beta: float = 8.0
-    #: Number of propagation steps is ``t = 2**logt`` (reference: logt = 8, t = 256).
-    logt: int = 8
+    #: Affinity power ``A = a**beta``.
+    beta: float = _valid(8.0, POSITIVE)
+    #: Number of propagation steps is ``t = 2**logt`` (reference: logt = 8, t = 256). The cost doubles
+    #: with each step of logt: above :data:`MAX_LOGT` (12, 4,096 steps) it needs ``run.allow_expensive``.
+    logt: int = _valid(8, NON_NEGATIVE)
     #: Background score ``(1 - max_c CAM) ** alpha`` (reference: 16).
-    alpha: float = 16.0
+    alpha: float = _valid(16.0, POSITIVE)
     #: Pad by the radius first so border pixels get all their neighbours (fixes a reference quirk;
     #: off by default to reproduce the reference).
     pad_border: bool = False
@@ -174,7 +338,7 @@ class RWConfig:
 
 
 @dataclass(frozen=True)
-class DeepLabConfig:
+class DeepLabConfig(_Checked):
     """DeepLab v1 (LargeFOV) / v2 (ASPP) on the refined masks."""
 
     arch: Literal["v1", "v2"] = "v2"
@@ -184,25 +348,29 @@ class DeepLabConfig:
     #: Which masks to train on: ``refined`` (random walk), ``eps``, ``gt`` (upper bound), or a folder.
     mask_source: str = "refined"
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 2.5e-4
-    head_lr_mult: float = 10.0
-    head_bias_lr_mult: float = 20.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
-    iterations: int = 20000
-    batch_size: int = 10
-    accumulate: int = 1
-    crop_size: int = 321
-    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    lr: float = _valid(2.5e-4, POSITIVE)
+    head_lr_mult: float = _valid(10.0, NON_NEGATIVE)
+    head_bias_lr_mult: float = _valid(20.0, NON_NEGATIVE)
+    momentum: float = _valid(0.9, MOMENTUM)
+    weight_decay: float = _valid(5e-4, NON_NEGATIVE)
+    poly_power: float = _valid(0.9, NON_NEGATIVE)
+    iterations: int = _valid(20000, AT_LEAST_ONE)
+    batch_size: int = _valid(10, AT_LEAST_ONE)
+    #: Gradient accumulation steps per optimiser step.
+    accumulate: int = _valid(1, AT_LEAST_ONE)
+    crop_size: int = _valid(321, AT_LEAST_ONE)
+    #: Random training scales (one or more, each > 0).
+    scales: tuple[float, ...] = _valid((0.5, 0.75, 1.0, 1.25, 1.5), POSITIVE, min_items=1)
     freeze_bn: bool = True
     msc: bool = False
     balanced_ce: bool = False
-    eval_every: int = 1000
-    eval_images: int = 100
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    test_scales: tuple[float, ...] = (1.0,)
+    #: Evaluate every ``eval_every`` iterations on ``eval_images`` images (either 0 = never).
+    eval_every: int = _valid(1000, NON_NEGATIVE)
+    eval_images: int = _valid(100, NON_NEGATIVE)
+    checkpoint_every: int = _valid(1000, AT_LEAST_ONE)
+    log_every: int = _valid(50, AT_LEAST_ONE)
+    #: Test-time scales (one or more, each > 0).
+    test_scales: tuple[float, ...] = _valid((1.0,), POSITIVE, min_items=1)
     test_flip: bool = False
     crf: bool = False
     save_predictions: bool = False
@@ -211,24 +379,28 @@ class DeepLabConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Checked):
     """Where and how a run executes."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: int = _valid(0, NON_NEGATIVE)
     #: Stage artifact store: local path or pyarrow filesystem URI. Empty = ``<out>/artifacts``.
     artifact_store: str = ""
-    #: Keep at most this many training checkpoints per stage run.
-    keep_checkpoints: int = 2
+    #: Keep at most this many training checkpoints per stage run (at least 1: resuming needs one).
+    keep_checkpoints: int = _valid(2, AT_LEAST_ONE)
     #: Also run the plain-CAM baseline (``eps.method: cam``, every other EPS setting the same) with the
     #: EPS stage and report its pseudo masks as ``cam_miou*``. Cached: its key ignores tau and lam, so
     #: a sweep trains it once. Costs one more EPS training; the stage table's CAM row comes from it.
     cam_baseline: bool = False
+    #: Allow settings whose cost grows without bound past their sane maximum. Off, the config refuses
+    #: ``rw.logt`` above :data:`MAX_LOGT` (12: ``2**12`` = 4,096 walk steps per image; the reference
+    #: uses 8), which would otherwise run for hours or never finish. Set it on purpose, per run.
+    allow_expensive: bool = False
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The whole pipeline: one section per stage."""
+    """The whole pipeline: one section per stage. Rules spanning sections are checked when it is made."""
 
     name: str = "custom"
     data: DataConfig = field(default_factory=DataConfig)
@@ -237,6 +409,13 @@ class PipelineConfig:
     rw: RWConfig = field(default_factory=RWConfig)
     deeplab: DeepLabConfig = field(default_factory=DeepLabConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.rw.logt > MAX_LOGT and not self.run.allow_expensive:
+            steps = f"{2**self.rw.logt:,}" if self.rw.logt <= 64 else f"2**{self.rw.logt}"
+            raise ConfigError(f"rw.logt: expected a value <= {MAX_LOGT} (2**{MAX_LOGT} = {2**MAX_LOGT:,} random-walk "
+                              f"steps per image), got {self.rw.logt} ({steps} steps); set run.allow_expensive: true "
+                              "to allow more")
 
 
 SECTIONS: dict[str, type] = {
@@ -247,6 +426,7 @@ SECTIONS: dict[str, type] = {
     "deeplab": DeepLabConfig,
     "run": RunConfig,
 }
+_SECTION_NAMES: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +497,7 @@ def check_value(tp: Any, value: Any, where: str) -> Any:
     raise bad  # pragma: no cover - every field type is listed above
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -334,7 +515,24 @@ def field_type(path: str) -> Any:
     return hints[name]
 
 
-def _section_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+def check_field(path: str, value: Any) -> Any:
+    """Check one value of the dotted field ``path`` on its own: its type (coerced as :func:`check_value`)
+    and its declared valid values. Rules that tie several fields together (``low <= high``,
+    ``rw.logt`` against ``run.allow_expensive``) are checked when a whole config is made.
+
+    Raises:
+        ConfigError: naming ``path`` (``eps.tau: expected a value in [0, 1], got 1.5``).
+    """
+    value = check_value(field_type(path), value, path)
+    section, _, name = path.partition(".")
+    rule = field_rule(SECTIONS[section], name)
+    if rule is not None:
+        rule.check(value, path)
+    return value
+
+
+def _section_from_dict(cls: type, data: Mapping[str, Any], source: str, section: str) -> Any:
+    where = f"{source}: {section}"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = _hints(cls)
@@ -342,12 +540,16 @@ def _section_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
                           f"known: {', '.join(hints)}")
-    kwargs = {k: check_value(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {k: check_value(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a value out of range: the message names the key, add the file
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def from_dict(data: Mapping[str, Any], *, source: str = "config") -> PipelineConfig:
-    """Build a :class:`PipelineConfig` from a nested mapping, rejecting unknown keys and wrong types."""
+    """Build a :class:`PipelineConfig` from a nested mapping, rejecting unknown keys, wrong types and
+    values outside a field's valid values."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     unknown = sorted(set(data) - set(SECTIONS) - {"name"})
@@ -359,8 +561,11 @@ def from_dict(data: Mapping[str, Any], *, source: str = "config") -> PipelineCon
         kwargs["name"] = check_value(str, data["name"], f"{source}: name")
     for section, cls in SECTIONS.items():
         if section in data and data[section] is not None:
-            kwargs[section] = _section_from_dict(cls, data[section], f"{source}: {section}")
-    return PipelineConfig(**kwargs)
+            kwargs[section] = _section_from_dict(cls, data[section], source, section)
+    try:
+        return PipelineConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -419,7 +624,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any] | Sequence[str]) -> PipelineConfig:
-    """Return ``cfg`` with dotted-key overrides applied (``{'eps.tau': 0.3}`` or ``['eps.tau=0.3']``)."""
+    """Return ``cfg`` with dotted-key overrides applied (``{'eps.tau': 0.3}`` or ``['eps.tau=0.3']``).
+
+    Every value is checked for its type and valid values, and the result for the rules that tie fields
+    together; a :class:`ConfigError` names the key.
+    """
     if not isinstance(overrides, Mapping):
         overrides = dict(parse_override(o) for o in overrides)
     sections: dict[str, dict[str, Any]] = {}
@@ -433,6 +642,50 @@ def apply_overrides(cfg: PipelineConfig, overrides: Mapping[str, Any] | Sequence
         sections.setdefault(section, {})[fname] = check_value(tp, value, key)
     updates = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()}
     return dataclasses.replace(cfg, name=name, **updates)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping; ``key`` is its dotted path (``eps.tau``), ``line`` the
+    line (1-based) where it is given again."""
+
+    def __init__(self, key: str, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (again on line {mark.line + 1}); YAML would keep "
+                         "only the last value", mark)
+        self.key, self.line = key, mark.line + 1
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping (plain YAML keeps the last silently), naming
+    it by its dotted path. Config files and search-space files are both read with it."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_unique(node, "", set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node: yaml.Node, path: str, visited: set[int]) -> None:
+        if id(node) in visited:  # an alias of a node already checked
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, value_node in node.value:
+                plain = isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge"
+                key = self.construct_object(key_node, deep=True) if plain else None  # '<<' merges are no keys
+                name = f"{path}.{key}" if path else str(key)
+                if key is not None:
+                    if key in seen:
+                        raise DuplicateKeyError(name, key_node.start_mark)
+                    seen.add(key)
+                self._check_unique(value_node, name, visited)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique(item, f"{path}[{i}]", visited)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML ``text`` safely (no Python objects) with :class:`UniqueKeyLoader`; ``None`` if it has no
+    document. Raises ``yaml.YAMLError`` (:class:`DuplicateKeyError` for a repeated key)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def builtin_configs() -> dict[str, Path]:
@@ -484,9 +737,14 @@ def load_config(
             raise ConfigError(f"config {text_source!r}: no such file and not a built-in config "
                               f"(built-in: {', '.join(builtins)})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (no keys, only blank lines or comments); write the "
+                          "settings it should change, or '{}' to mean every default on purpose")
     cfg = from_dict(data, source=str(path))
     cfg = apply_overrides(cfg, overrides)
     return _resolve_paths(cfg, Path(base_dir) if base_dir else Path.cwd())

@@ -30,9 +30,10 @@ held-out parts separately (``<stage>_miou_tune`` / ``_heldout``; see
 derives from a hash of each image id when ``data.tune_split``/``data.heldout_split`` are empty; any
 other names are id-list files of the dataset. A search may only optimise a ``*_tune`` metric.
 
-Loading validates everything against the config schema and raises :class:`SpaceError` naming the
-file and the key. Turning a space into Ray Tune or Optuna distributions happens in
-``wsss_tune.trainables``; this module imports neither.
+Loading validates everything against the config schema - types and the valid values each field
+declares - and raises :class:`SpaceError` naming the file and the key (``params.eps.tau.high``).
+Turning a space into Ray Tune or Optuna distributions happens in ``wsss_tune.trainables``; this
+module imports neither.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ import yaml
 
 from wsss_tune.config import (
     ConfigError,
+    DuplicateKeyError,
     PipelineConfig,
     apply_overrides,
     builtin_configs,
+    check_field,
     check_value,
     field_type,
     load_config,
+    parse_yaml,
 )
 from wsss_tune.stages.pipeline import STAGES, parse_stages
 
@@ -111,6 +115,8 @@ _FIDELITY_KEYS = ("time_attr", "max_t", "grace_period", "reduction_factor")
 _SPLIT_FIELDS = ("data.tune_split", "data.heldout_split")
 #: Relative tolerance when checking that a float lies in a range or on a step grid.
 _REL_TOL = 1e-9
+#: Most combinations of the parameters' ends :func:`validate` tries against the config's rules.
+_MAX_CORNERS = 4096
 
 
 class SpaceError(ValueError):
@@ -239,12 +245,12 @@ class SearchSpace:
         tune, held = ("", "") if derived else (self.tune_split, self.heldout_split)
         return apply_overrides(cfg, {"data.tune_split": tune, "data.heldout_split": held})
 
-    def _config_without_splits(self) -> PipelineConfig:
+    def _config_without_splits(self, *, overrides: bool = True) -> PipelineConfig:
         base: str | Path = self.base
         if self.base not in builtin_configs():
             path = Path(self.base).expanduser()
             base = path if path.is_absolute() or self.source is None else self.source.parent / path
-        return load_config(base, dict(self.overrides))
+        return load_config(base, dict(self.overrides) if overrides else {})
 
     def _derived_halves(self, cfg: PipelineConfig) -> str | None:
         """The evaluation split whose derived halves ``tune_split``/``heldout_split`` name, if they do."""
@@ -421,6 +427,7 @@ def _validate_param(p: Param, space: SearchSpace) -> None:
                 check_value(tp, choice, p.path)
             except ConfigError as exc:
                 raise SpaceError(where, f"{key}.choices[{i}]", f"wrong type for the field ({exc})") from None
+            _check_valid(p.path, choice, where, f"{key}.choices[{i}]")
         if len(set(map(repr, p.choices))) != len(p.choices):
             raise SpaceError(where, f"{key}.choices", f"repeated choices in {list(p.choices)}")
         return
@@ -448,6 +455,50 @@ def _validate_param(p: Param, space: SearchSpace) -> None:
         k = (p.high - p.low) / p.step
         if not _close(k, round(k)):
             raise SpaceError(where, f"{key}.step", f"step {p.step} does not divide the range [{p.low}, {p.high}]")
+    # The field's valid values are an interval, so a range inside it has both ends inside it.
+    _check_valid(p.path, p.low, where, f"{key}.low")
+    _check_valid(p.path, p.high, where, f"{key}.high")
+
+
+def _check_valid(path: str, value: Any, where: str, key: str) -> None:
+    """``value`` must be one the config accepts for ``path`` (its declared valid values)."""
+    try:
+        check_field(path, value)
+    except ConfigError as exc:
+        raise SpaceError(where, key, f"outside the values the config accepts ({exc})") from None
+
+
+def _corners(params: tuple[Param, ...]) -> list[dict[str, Any]]:
+    """Every combination of each parameter's extreme values (low and high, or every choice)."""
+    axes = [list(p.choices) if p.kind == "categorical" else [p.low, p.high] for p in params]
+    return [dict(zip((p.path for p in params), values, strict=True)) for values in itertools.product(*axes)]
+
+
+def _validate_points(space: SearchSpace, cfg: PipelineConfig) -> None:
+    """Every point a trial may draw makes a valid config with the base: each parameter's ends (or
+    choices) with the other fields at the base values, then - up to :data:`_MAX_CORNERS` of them - the
+    combinations of all parameters' ends, which catches rules over several fields (``low <= high``,
+    ``rw.logt`` against ``run.allow_expensive``): these rules are monotone in each field, so the
+    corners of the box are the points that can break them."""
+    where = space.where
+    for p in space.params:
+        key = f"params.{p.path}"
+        ends = ((f"{key}.choices[{i}]", c) for i, c in enumerate(p.choices)) if p.kind == "categorical" \
+            else ((f"{key}.low", p.low), (f"{key}.high", p.high))
+        for end_key, value in ends:
+            try:
+                apply_overrides(cfg, {p.path: value})
+            except ConfigError as exc:
+                raise SpaceError(where, end_key, f"with the base config this value is refused ({exc})") from None
+    if math.prod(len(p.choices) if p.kind == "categorical" else 2 for p in space.params) > _MAX_CORNERS:
+        return
+    for combo in _corners(space.params):
+        try:
+            apply_overrides(cfg, combo)
+        except ConfigError as exc:
+            named = str(exc).split(":", 1)[0]
+            key = f"params.{named}" if named in combo else "params"
+            raise SpaceError(where, key, f"the combination {combo} is refused by the config ({exc})") from None
 
 
 def _validate_splits(space: SearchSpace, cfg: PipelineConfig) -> None:
@@ -470,9 +521,11 @@ def validate(space: SearchSpace) -> None:
     Checks: stage names and order, the metric (a ``*_tune`` metric of a stage that runs), the mode,
     the protocol's two splits (distinct; derived halves of the metric's evaluation split, or both
     id-list files), the fidelity, every override (known path, right type, not a searched
-    parameter), every parameter (known path, a distribution that fits the field's type, a non-empty
-    range or choice list, choices of the field's type) and that the base config's values - the
-    reference point - lie inside the space.
+    parameter, inside the field's valid values), every parameter (known path, a distribution that
+    fits the field's type, a non-empty range or choice list, choices of the field's type, ends and
+    choices inside the field's valid values as :mod:`wsss_tune.config` declares them, alone and
+    combined with the base config and each other) and that the base config's values - the reference
+    point - lie inside the space. So no trial draws a value the config would refuse mid-sweep.
     """
     where = space.where
     try:
@@ -514,7 +567,7 @@ def validate(space: SearchSpace) -> None:
         if path in searched:
             raise SpaceError(where, key, "is also a searched parameter; a fixed override would hide the search")
         try:
-            check_value(field_type(path), value, path)
+            check_field(path, value)
         except ConfigError as exc:
             raise SpaceError(where, key, str(exc)) from None
     if not space.params:
@@ -524,10 +577,16 @@ def validate(space: SearchSpace) -> None:
     for p in space.params:
         _validate_param(p, space)
     try:
-        cfg = space._config_without_splits()
+        base = space._config_without_splits(overrides=False)
     except ConfigError as exc:
         raise SpaceError(where, "base", str(exc)) from None
+    try:
+        cfg = apply_overrides(base, dict(space.overrides))
+    except ConfigError as exc:  # a rule over several fields: name the override it is about, if any
+        named = str(exc).split(":", 1)[0]
+        raise SpaceError(where, f"overrides.{named}" if named in space.overrides else "overrides", str(exc)) from None
     _validate_splits(space, cfg)
+    _validate_points(space, cfg)
     reference = space.reference_point()
     for p in space.params:
         value = reference[p.path]
@@ -540,19 +599,6 @@ def validate(space: SearchSpace) -> None:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated in one mapping (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def list_spaces() -> dict[str, Path]:
@@ -574,7 +620,9 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
             raise SpaceError(text, "<file>", f"no such file and not a built-in search space "
                              f"(built-in: {', '.join(builtins)})")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = parse_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise SpaceError(str(path), "<yaml>", f"not valid YAML ({exc.problem})") from None
     except yaml.YAMLError as exc:
         raise SpaceError(str(path), "<yaml>", f"not valid YAML ({exc})") from None
     return space_from_dict(data if data is not None else {}, source=path, name=path.stem)

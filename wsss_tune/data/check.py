@@ -3,6 +3,11 @@
 The checks reuse the readers of :class:`~wsss_tune.data.voc.VOCLayout`, so a problem found here is
 the same :class:`~wsss_tune.data.voc.DataError` a training run would raise; here it is collected as a
 :class:`Problem` instead of stopping at the first one.
+
+Warnings are findings a run survives but its user should know of (:data:`WARNING_KINDS`): an image
+whose label vector is all zero trains as pure background and is silently useless to a weakly
+supervised method. They are reported only when asked for (``check_dataset(..., warnings=True)``), as
+problems with ``severity == "warning"``, so that "no problems" still means an empty list.
 """
 
 from __future__ import annotations
@@ -12,23 +17,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from wsss_tune.data.voc import DataError, VOCLayout
 
-__all__ = ["Problem", "check_dataset", "format_problems"]
+__all__ = ["Problem", "WARNING_KINDS", "check_dataset", "format_problems"]
 
 #: Problems listed per kind by :func:`format_problems` before the rest are counted.
 DEFAULT_SHOWN_PER_KIND = 20
+#: Kinds of warning :func:`check_dataset` reports with ``warnings=True``.
+WARNING_KINDS = (
+    "no_class",  # an image whose label vector is all zero: no class at all, pure background
+)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem with one file. ``kind`` is one of :data:`wsss_tune.data.voc.PROBLEM_KINDS`."""
+    """One problem with one file. ``kind`` is one of :data:`wsss_tune.data.voc.PROBLEM_KINDS` for an
+    error, of :data:`WARNING_KINDS` for a warning (``severity == "warning"``)."""
 
     file: str
     kind: str
     message: str
+    severity: Literal["error", "warning"] = "error"
 
     @classmethod
     def from_error(cls, exc: DataError) -> Problem:
@@ -48,12 +59,14 @@ def check_dataset(
     *,
     saliency: bool = True,
     masks_for: Sequence[str] | None = None,
+    warnings: bool = False,
 ) -> list[Problem]:
     """Read every image, saliency map, mask and label of ``splits`` and report every problem.
 
     Detects missing or empty split files, missing files, unreadable or truncated images, mask
     values outside 0..C and 255, image/mask/saliency size mismatches, saliency maps of the wrong
-    mode, and ids missing from the label file.
+    mode, and ids missing from the label file. With ``warnings``, also reports (as warnings) the
+    images whose label vector is all zero.
 
     Args:
         layout: The dataset.
@@ -61,6 +74,8 @@ def check_dataset(
         saliency: Also check saliency maps (EPS needs them for its training split).
         masks_for: Splits whose ground-truth masks must exist (those scored against GT); default all
             of ``splits``. With ``label_source="masks"`` masks are always checked.
+        warnings: Also report :data:`WARNING_KINDS` (``severity == "warning"``); a caller that fails on
+            problems should fail on the errors only.
 
     Returns:
         Problems in the order found (empty when the dataset is fine).
@@ -102,7 +117,9 @@ def check_dataset(
                         problems.append(_size_problem("saliency map", layout.saliency_path(image_id), sal.shape,
                                                       layout.image_path(image_id), img.shape))
                 if labels_ok and layout.label_source != "masks":
-                    attempt(partial(layout.image_labels, image_id))
+                    labels = attempt(partial(layout.image_labels, image_id))
+                    if warnings and labels is not None and not labels.any():
+                        problems.append(_no_class(layout, image_id))
             if want_mask and image_id not in checked_mask:
                 checked_mask.add(image_id)
                 mask = attempt(partial(layout.load_mask, image_id))
@@ -110,21 +127,42 @@ def check_dataset(
                 if mask is not None and shape is not None and mask.shape != shape[:2]:
                     problems.append(_size_problem("mask", layout.mask_path(image_id), mask.shape,
                                                   layout.image_path(image_id), shape))
+                if warnings and need_mask and mask is not None and not layout.image_labels(image_id).any():
+                    problems.append(_no_class(layout, image_id))
     return problems
 
 
+def _no_class(layout: VOCLayout, image_id: str) -> Problem:
+    """Warning: ``image_id``'s label vector (from ``layout.label_source``) has no class at all."""
+    source = layout.label_source
+    path = (layout.cls_labels_path if source == "cls_labels"
+            else layout.annotation_path(image_id) if source == "annotations" else layout.mask_path(image_id))
+    return Problem(str(path), "no_class", f"{image_id}: no class at all (its label vector from {path} is all zero); "
+                   "it trains as pure background", severity="warning")
+
+
 def format_problems(problems: Sequence[Problem], *, limit: int | None = DEFAULT_SHOWN_PER_KIND) -> str:
-    """Human-readable report grouped by kind; at most ``limit`` lines per kind (None = all)."""
-    if not problems:
-        return "no problems found"
+    """Human-readable report grouped by kind, errors first, then warnings; at most ``limit`` lines per
+    kind (None = all)."""
+    errors = [p for p in problems if p.severity != "warning"]
+    warned = [p for p in problems if p.severity == "warning"]
+    lines = [f"{len(errors)} problem(s) found:" if errors else "no problems found"]
+    lines += _grouped(errors, limit)
+    if warned:
+        lines.append(f"{len(warned)} warning(s):")
+        lines += _grouped(warned, limit)
+    return "\n".join(lines)
+
+
+def _grouped(problems: Sequence[Problem], limit: int | None) -> list[str]:
     by_kind: dict[str, list[Problem]] = defaultdict(list)
     for p in problems:
         by_kind[p.kind].append(p)
-    lines = [f"{len(problems)} problem(s) found:"]
+    lines = []
     for kind, items in by_kind.items():
         lines.append(f"{kind} ({len(items)}):")
         shown = items if limit is None else items[:limit]
         lines += [f"  {p.message}" for p in shown]
         if len(shown) < len(items):
             lines.append(f"  ... and {len(items) - len(shown)} more")
-    return "\n".join(lines)
+    return lines

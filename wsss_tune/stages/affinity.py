@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -127,32 +126,6 @@ _PROB_EPS = 1e-8
 # --------------------------------------------------------------------------------------------------
 # Validation and small helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_affinity_config(a: AffinityConfig) -> None:
-    for name in ("batch_size", "crop_size", "log_every", "checkpoint_every", "epochs"):
-        if getattr(a, name) <= 0:
-            raise ValueError(f"affinity.{name}: expected a positive integer, got {getattr(a, name)}")
-    if a.iterations < 0:
-        raise ValueError(f"affinity.iterations: expected >= 0 (0 = use affinity.epochs), got {a.iterations}")
-    if not (a.lr > 0 and math.isfinite(a.lr)):
-        raise ValueError(f"affinity.lr: expected a positive finite learning rate, got {a.lr}")
-    low, high = a.resize_long
-    if not 0 < low <= high:
-        raise ValueError(f"affinity.resize_long: expected [low, high] with 0 < low <= high, got {list(a.resize_long)}")
-    if not 0 < a.alpha_low < a.alpha_high:
-        raise ValueError(f"affinity.alpha_low / alpha_high: expected 0 < alpha_low < alpha_high, got "
-                         f"{a.alpha_low} / {a.alpha_high}")
-    neighbor_offsets(a.radius)  # raises for a radius < 2
-
-
-def _check_rw_config(r: RWConfig) -> None:
-    if not (r.beta > 0 and math.isfinite(r.beta)):
-        raise ValueError(f"rw.beta: expected a positive finite exponent, got {r.beta}")
-    if r.logt < 0:
-        raise ValueError(f"rw.logt: expected >= 0 (t = 2**logt steps), got {r.logt}")
-    if not (r.alpha > 0 and math.isfinite(r.alpha)):
-        raise ValueError(f"rw.alpha: expected a positive finite exponent, got {r.alpha}")
 
 
 def _backbone_name(cfg: PipelineConfig) -> str:
@@ -350,7 +323,6 @@ def train_affinity(
         ValueError: bad config values, or ``out_dir`` holds a run with other training settings.
     """
     a = cfg.affinity
-    _check_affinity_config(a)
     device = device if device is not None else resolve_device(cfg.run.device)
     eps_dir, out_dir = Path(eps_dir), Path(out_dir)
     eps_model = Path(eps_model) if eps_model is not None else eps_dir / MODEL_FILE
@@ -637,7 +609,6 @@ def run_random_walk(
         the optional CRF package.
     """
     r = cfg.rw
-    _check_rw_config(r)
     if r.crf and importlib.util.find_spec("pydensecrf") is None:
         raise ModuleNotFoundError("rw.crf is true but the optional dense CRF package is not installed: "
                                   "pip install 'wsss-tune[crf]' (pydensecrf2), or set rw.crf=false")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,26 +143,6 @@ def mask_fingerprint(layout: VOCLayout, ids: Sequence[str], mask_dir: str | Path
         digest.update(image_id.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
-
-
-def _check_config(d: DeepLabConfig) -> None:
-    positive = {"iterations": d.iterations, "batch_size": d.batch_size, "accumulate": d.accumulate,
-                "crop_size": d.crop_size, "log_every": d.log_every, "checkpoint_every": d.checkpoint_every}
-    for name, value in positive.items():
-        if value <= 0:
-            raise ValueError(f"deeplab.{name}: expected a positive integer, got {value}")
-    for name, value in {"eval_every": d.eval_every, "eval_images": d.eval_images}.items():
-        if value < 0:
-            raise ValueError(f"deeplab.{name}: expected >= 0 (0 = off), got {value}")
-    if not (d.lr > 0 and math.isfinite(d.lr)):
-        raise ValueError(f"deeplab.lr: expected a positive finite learning rate, got {d.lr}")
-    for name, factor in {"head_lr_mult": d.head_lr_mult, "head_bias_lr_mult": d.head_bias_lr_mult,
-                         "weight_decay": d.weight_decay, "momentum": d.momentum}.items():
-        if not (factor >= 0 and math.isfinite(factor)):
-            raise ValueError(f"deeplab.{name}: expected a finite value >= 0, got {factor}")
-    for name, scales in {"scales": d.scales, "test_scales": d.test_scales}.items():
-        if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
-            raise ValueError(f"deeplab.{name}: expected one or more positive scales, got {list(scales)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,7 +358,6 @@ def train_deeplab(
         FileNotFoundError: ``mask_dir`` or one of its training masks is missing.
     """
     d = cfg.deeplab
-    _check_config(d)
     device = device if device is not None else resolve_device(cfg.run.device)
     out_dir, mask_dir = Path(out_dir), Path(mask_dir)
     layout = VOCLayout.from_config(cfg.data)
@@ -467,7 +445,6 @@ def evaluate_deeplab(
         ValueError: ``save_predictions`` is set but no ``out_dir`` was given.
     """
     d = cfg.deeplab
-    _check_config(d)
     if d.save_predictions and out_dir is None:
         raise ValueError("deeplab.save_predictions is true but evaluate_deeplab got no out_dir to write "
                          f"{PREDICTION_DIR}/ into")

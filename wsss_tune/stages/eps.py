@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -148,21 +147,8 @@ def cam_normalization(method: str) -> str:
 
 
 def _check_config(e: EPSConfig) -> None:
-    positive = {"iterations": e.iterations, "batch_size": e.batch_size, "crop_size": e.crop_size,
-                "log_every": e.log_every, "checkpoint_every": e.checkpoint_every}
-    for name, value in positive.items():
-        if value <= 0:
-            raise ValueError(f"eps.{name}: expected a positive integer, got {value}")
-    for name, value in {"eval_every": e.eval_every, "eval_images": e.eval_images}.items():
-        if value < 0:
-            raise ValueError(f"eps.{name}: expected >= 0 (0 = off), got {value}")
-    if not (e.lr > 0 and math.isfinite(e.lr)):
-        raise ValueError(f"eps.lr: expected a positive finite learning rate, got {e.lr}")
-    low, high = e.resize_long
-    if not 0 < low <= high:
-        raise ValueError(f"eps.resize_long: expected [low, high] with 0 < low <= high, got {list(e.resize_long)}")
-    if not e.cam_scales or any(s <= 0 for s in e.cam_scales):
-        raise ValueError(f"eps.cam_scales: expected one or more positive scales, got {list(e.cam_scales)}")
+    """What the config cannot check: the method has a CAM normalisation. Every range (iterations,
+    learning rate, scales, ...) is checked when the config is made (:mod:`wsss_tune.config`)."""
     cam_normalization(e.method)
 
 
