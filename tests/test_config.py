@@ -287,3 +287,10 @@ def test_yaml_anchors_and_merges_are_not_duplicates(tmp_path):
     assert load_config(path).eps.tau == 0.3
     text = "a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n"
     assert parse_yaml(text) == {"a": {"b": 1}, "c": {"b": 2}}
+
+
+def test_a_file_that_is_not_text_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: cannot read it as UTF-8 text"):
+        load_config(path)

@@ -108,6 +108,14 @@ def test_base_path_is_relative_to_the_space_file(tmp_path: Path, monkeypatch: py
     assert load_space(str(path)).reference_point()["rw.beta"] == 5.0
 
 
+def test_a_space_file_that_is_not_text_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "x")
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    assert (info.value.source, info.value.key) == (str(path), "<file>") and "UTF-8" in info.value.message
+
+
 def test_unknown_space_names_the_built_ins() -> None:
     with pytest.raises(SpaceError, match="built-in: deeplab, eps, pipeline"):
         load_space("no_such_space")

@@ -737,7 +737,9 @@ def load_config(
             raise ConfigError(f"config {text_source!r}: no such file and not a built-in config "
                               f"(built-in: {', '.join(builtins)})")
     try:
-        data = parse_yaml(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
     except DuplicateKeyError as exc:
         raise ConfigError(f"{path}: {exc.problem}") from None
     except yaml.YAMLError as exc:

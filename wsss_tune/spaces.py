@@ -620,7 +620,9 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
             raise SpaceError(text, "<file>", f"no such file and not a built-in search space "
                              f"(built-in: {', '.join(builtins)})")
     try:
-        data = parse_yaml(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as exc:
+        raise SpaceError(str(path), "<file>", f"cannot read it as UTF-8 text ({exc})") from None
     except DuplicateKeyError as exc:
         raise SpaceError(str(path), "<yaml>", f"not valid YAML ({exc.problem})") from None
     except yaml.YAMLError as exc:
