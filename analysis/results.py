@@ -102,12 +102,17 @@ def rebuild_hint(exp_dir: str | Path) -> str:
     return f"regenerate the results files from the study and the trial folders: `wsss-tune results rebuild {exp_dir}`"
 
 
+def _why(exc: BaseException) -> str:
+    """An exception's text on one line (a library's message can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _read_json(path: Path, what: str, hint: str = "") -> dict[str, Any]:
     hint = f"; {hint}" if hint else ""
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{path}: {what} is unreadable ({exc}){hint}") from None
+        raise ResultsError(f"{path}: {what} is unreadable ({_why(exc)}){hint}") from None
     if not isinstance(doc, dict):
         raise ResultsError(f"{path}: {what} must hold a JSON object, found {type(doc).__name__}{hint}")
     return doc
@@ -372,7 +377,7 @@ class ExperimentResult:
         try:
             return pq.read_table(file)
         except (OSError, pa.ArrowException) as exc:
-            raise ResultsError(f"{file} is unreadable ({exc}); {rebuild_hint(self.path)}") from None
+            raise ResultsError(f"{file} is unreadable ({_why(exc)}); {rebuild_hint(self.path)}") from None
 
     def describe_incomplete(self) -> str:
         """One line saying what is missing, for error messages."""
@@ -459,7 +464,7 @@ def write_experiment(
     _write_parquet(_table(reports, first=("trial_id",)), path / REPORTS_FILE)
     result = ExperimentResult(path=path, name=sweep["name"], metric=metric, mode=mode, heldout_metric=heldout,
                               trials=tuple(trials), best=best, reference=ref, counts=counts,
-                              requested=int(sweep["requested"]), info=dict(sweep))
+                              requested=int(sweep["requested"]), info={**sweep, "warnings": list(notes)})
     doc = {
         **portable_sweep(sweep, path),
         "heldout_metric": heldout,
@@ -513,7 +518,7 @@ def read_trials_table(path: str | Path) -> list[TrialRecord]:
         table = pq.read_table(file)
         return _records(table, path)
     except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
-        raise ResultsError(f"{file} is unreadable ({exc}); {rebuild_hint(path)}") from None
+        raise ResultsError(f"{file} is unreadable ({_why(exc)}); {rebuild_hint(path)}") from None
 
 
 def load_experiment(path: str | Path) -> ExperimentResult:
