@@ -176,6 +176,22 @@ def test_preflight_clean_dataset_passes(synth_root: Path, tmp_path: Path) -> Non
     assert not any(p.name.startswith(".wsss-preflight-") for p in (tmp_path / "store").iterdir())
 
 
+def test_preflight_warns_of_training_images_with_no_class(synth_copy: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A training image whose label vector is all zero is named in a warning (logged by
+    ``require_preflight``, which still lets the run go: it trains as pure background)."""
+    labels_path = synth_copy / "cls_labels.npy"
+    labels = np.load(labels_path, allow_pickle=True).item()
+    labels[TRAIN_ID] = np.zeros_like(labels[TRAIN_ID])
+    np.save(labels_path, labels, allow_pickle=True)
+    with caplog.at_level("WARNING", logger="wsss_tune.validate"):
+        checks = require_preflight(_cfg(synth_copy), stages=("eps",))
+    warned = [c for c in checks if c.status == "warn"]
+    assert [c.name for c in warned] == ["data.no_class"] and TRAIN_ID in warned[0].message
+    assert TRAIN_ID in caplog.text
+    assert not any(c.status == "problem" for c in checks)
+
+
 def test_preflight_only_checks_stages_used(synth_copy: Path) -> None:
     """Saliency maps are read by EPS only: a missing one fails an EPS run, not a DeepLab-only run."""
     (synth_copy / "SaliencyMaps" / f"{TRAIN_ID}.png").unlink()

@@ -14,6 +14,7 @@ sample, and a problem stops the run.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from wsss_tune.config import PipelineConfig
 from wsss_tune.doctor import Check, _eval_splits, check_weights
 
 __all__ = ["PreflightError", "check_writable", "preflight_data", "preflight", "require_preflight"]
+
+log = logging.getLogger(__name__)
 
 #: Name prefix of the probe file written (then removed) to prove a storage location is writable.
 PROBE_PREFIX = ".wsss-preflight-"
@@ -92,15 +95,24 @@ def preflight_data(cfg: PipelineConfig, *, stages: Sequence[str]) -> list[Check]
         return [Check("data.label_source", "problem", str(exc))]
     problems = []
     if "eps" in stages or "affinity" in stages:
-        problems += check_dataset(layout, [cfg.data.train_split], saliency="eps" in stages, masks_for=[])
+        problems += check_dataset(layout, [cfg.data.train_split], saliency="eps" in stages, masks_for=[],
+                                  warnings=True)
     evals = _eval_splits(cfg)
     problems += check_dataset(layout, evals, saliency=False, masks_for=evals)
     seen: set[tuple[str, str]] = set()
     out = []
+    warned: dict[str, list[str]] = {}
     for p in problems:
-        if (p.file, p.kind) not in seen:
+        if p.severity == "warning":
+            warned.setdefault(p.kind, []).append(p.message)
+        elif (p.file, p.kind) not in seen:
             seen.add((p.file, p.kind))
             out.append(Check(f"data.{p.kind}", "problem", p.message))
+    for kind, messages in warned.items():  # one line per kind, naming the ids: there can be many
+        ids = [m.split(":", 1)[0] for m in messages]
+        shown = ", ".join(ids[:SHOWN_PROBLEMS]) + (f" and {len(ids) - SHOWN_PROBLEMS} more"
+                                                   if len(ids) > SHOWN_PROBLEMS else "")
+        out.append(Check(f"data.{kind}", "warn", f"{len(ids)} image(s): {shown}; e.g. {messages[0]}"))
     return out
 
 
@@ -119,8 +131,9 @@ def preflight(
         store: Artifact store URI (default ``cfg.run.artifact_store``; not checked when both are empty).
         experiments: Folder the run or sweep writes its results to (not checked when None).
     """
-    checks = preflight_data(cfg, stages=stages) or [Check("data", "ok", f"{cfg.data.root}: every file of the "
-                                                           "splits used reads fine")]
+    checks = preflight_data(cfg, stages=stages)
+    if not any(c.status == "problem" for c in checks):
+        checks.insert(0, Check("data", "ok", f"{cfg.data.root}: every file of the splits used reads fine"))
     roles = {"weights.eps": "eps", "weights.affinity": "affinity", "weights.deeplab": "deeplab"}
     checks += [c for c in check_weights(cfg) if roles.get(c.name) in stages]
     store = store or cfg.run.artifact_store
@@ -138,9 +151,13 @@ def require_preflight(
     store: str | None = None,
     experiments: str | Path | None = None,
 ) -> list[Check]:
-    """:func:`preflight`, raising :class:`PreflightError` with every problem when there is any."""
+    """:func:`preflight`, raising :class:`PreflightError` with every problem when there is any; the
+    warnings (e.g. training images with no class) are logged and do not stop the run."""
     checks = preflight(cfg, stages=stages, store=store, experiments=experiments)
     problems = [c for c in checks if c.status == "problem"]
     if problems:
         raise PreflightError(problems)
+    for c in checks:
+        if c.status == "warn":
+            log.warning("warning: %s: %s", c.name, c.message)
     return checks
