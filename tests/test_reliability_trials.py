@@ -18,7 +18,7 @@ import yaml
 from optuna.trial import TrialState
 
 from wsss_tune.analysis import load_experiment
-from wsss_tune.trainables import SMOKE_OVERRIDES, run_sweep
+from wsss_tune.trainables import SMOKE_OVERRIDES, resume_sweep, run_sweep
 
 #: A learning rate that makes the first update diverge (the synth EPS lr is 0.002).
 DIVERGING_LR = 1.0e30
@@ -90,3 +90,17 @@ def test_diverging_trial_fails_with_reason_is_retried_and_the_sweep_goes_on(
     assert states == sorted((t.params["eps.lr"], "FAIL" if t.status == "failed" else "COMPLETE")
                             for t in result.trials)
     assert TrialState.RUNNING not in [t.state for t in study.trials]
+
+    # `resume --resume-errored`: each failed trial runs again with its values, under a new Ray id
+    # and a new Optuna trial; it fails again for the same reason, and its row replaces the old one
+    # (named in resumed_from), so the count stays the 4 requested.
+    failed_ids = {t.trial_id for t in by_lr[DIVERGING_LR]}
+    rerun = resume_sweep(result.path, resume_errored=True, progress="off")
+    assert rerun.counts["total"] == 4 and rerun.counts["failed"] == len(failed_ids), rerun.counts
+    again_failed = [t for t in rerun.trials if t.status == "failed"]
+    assert {old for t in again_failed for old in t.resumed_from} == failed_ids
+    assert all(t.params["eps.lr"] == DIVERGING_LR and "eps/loss became" in (t.error or "") for t in again_failed)
+    assert {t.trial_id for t in rerun.trials if t.status == "completed"} == \
+        {t.trial_id for t in by_lr[SYNTH_EPS_LR]}
+    study = optuna.load_study(study_name="lr", storage=rerun.info["study"]["storage"])
+    assert [t.state for t in study.trials].count(TrialState.FAIL) == 2 * len(failed_ids)
