@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +194,24 @@ def test_export_command(tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", str(tmp_path / "short")])
     assert res.exit_code == 2 and "incomplete" in res.output
     assert runner.invoke(app, ["export", str(tmp_path / "short"), "--allow-incomplete"]).exit_code == 0
+
+
+def test_summary_lists_failed_trials_cache_repairs_and_warnings(tmp_path: Path) -> None:
+    """The sweep summary names every failed trial (up to SHOWN_FAILURES, then a count), the cache
+    repairs per trial, and the warnings met while gathering the results."""
+    from rich.console import Console
+
+    from wsss_tune.trainables.sweep import SHOWN_FAILURES, print_summary
+
+    failed = [_record(f"f{i:02d}", "failed", None) for i in range(SHOWN_FAILURES + 2)]
+    repaired = dataclasses.replace(_trials()[1], metrics={**_trials()[1].metrics, "cache_repairs": 2})
+    result = write_experiment(tmp_path, sweep=_sweep_doc(tmp_path, requested=4 + len(failed)),
+                              trials=[_trials()[0], repaired, *failed], reports=[],
+                              notes=["experiment_state-x.json: skipped, unreadable"])
+    console = Console(record=True, width=200)
+    print_summary(result, console=console)
+    text = console.export_text()
+    assert all(f"failed f{i:02d}: RuntimeError: boom" in text for i in range(SHOWN_FAILURES))
+    assert f"failed f{SHOWN_FAILURES:02d}" not in text and "and 2 more failed trial(s)" in text
+    assert "cache repairs (damaged artifacts rebuilt): 2 in b (2)" in text
+    assert "warning experiment_state-x.json: skipped, unreadable" in text
