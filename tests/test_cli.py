@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -49,3 +50,71 @@ def test_data_check_without_saliency_ignores_missing_maps(tmp_path, synth_root):
     shutil.rmtree(ds / "SaliencyMaps")
     assert runner.invoke(app, ["data", "check", str(ds)]).exit_code == 1
     assert runner.invoke(app, ["data", "check", str(ds), "--no-saliency"]).exit_code == 0
+
+
+# ---- sweeps with failed trials -------------------------------------------------------------------
+
+
+class _FakeResult:
+    """What the sweep entry points return, as far as the CLI reads it."""
+
+    def __init__(self, path, failed: int, total: int = 3) -> None:
+        self.path = path
+        self.counts = {"total": total, "completed": total - failed, "failed": failed}
+
+
+@pytest.mark.parametrize("command", ["sweep", "resume", "demo"])
+def test_failed_trials_exit_1_unless_allowed(command, tmp_path, monkeypatch):
+    """A sweep, resume or demo whose result counts a failed trial exits 1 naming how many failed and
+    how to go on; ``--allow-failures`` exits 0; without failures the exit is 0."""
+    import wsss_tune.trainables.sweep as sweep_module
+
+    failed = {"n": 1}
+    fake = lambda *args, **kwargs: _FakeResult(tmp_path / "exp", failed["n"])  # noqa: E731
+    monkeypatch.setattr(sweep_module, command, fake)
+    argv = {"sweep": ["sweep", "synth_rw"], "resume": ["resume", str(tmp_path / "exp")], "demo": ["demo"]}[command]
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 1, res.output
+    assert "error: 1 of 3 trial(s)" in res.stderr and "--allow-failures" in res.stderr
+    assert runner.invoke(app, [*argv, "--allow-failures"]).exit_code == 0
+    failed["n"] = 0
+    assert runner.invoke(app, argv).exit_code == 0
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local CPU-only Ray instance for this module (the CLI's sweeps use it)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sweep_with_a_diverging_trial_exits_1(ray_local, synth_root, tmp_path, monkeypatch):
+    """The failure of tests/test_reliability_trials.py (an EPS learning rate of 1e30 makes the loss
+    non-finite at step 2; the value passes validation) in a one-trial sweep through the CLI: the trial
+    fails, the summary names it, the command exits 1; ``resume --allow-failures`` of the same
+    experiment (nothing left to run) exits 0, plain ``resume`` exits 1 again."""
+    from wsss_tune.trainables import SMOKE_OVERRIDES
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    space = tmp_path / "tau.yaml"
+    space.write_text(yaml.safe_dump({
+        "base": "synth", "stages": ["eps"], "metric": "eps_miou_tune", "mode": "max",
+        "tune_split": "train_tune", "heldout_split": "train_heldout", "num_samples": 1,
+        "params": {"eps.tau": {"kind": "categorical", "choices": [0.4, 0.5]}},  # 0.4: the synth value
+    }))
+    # "1.0e+30": YAML (which reads --set values) takes "1e+30", without the point, for a string.
+    sets = [a for k, v in {**SMOKE_OVERRIDES, "eps.lr": "1.0e+30"}.items() for a in ("--set", f"{k}={v}")]
+    res = runner.invoke(app, ["sweep", str(space), "--data", str(synth_root), "--storage", str(tmp_path),
+                              "--name", "diverging", "--wandb", "off", "--progress", "off",
+                              "--store", str(tmp_path / "store"), *sets])
+    assert res.exit_code == 1, res.output
+    assert "eps/loss became" in res.output and "error: 1 of 1 trial(s)" in res.stderr
+    exp = str(tmp_path / "diverging")
+    assert runner.invoke(app, ["resume", exp, "--progress", "off", "--allow-failures"]).exit_code == 0
+    again = runner.invoke(app, ["resume", exp, "--progress", "off"])
+    assert again.exit_code == 1 and "error: 1 of 1 trial(s)" in again.stderr

@@ -2,11 +2,26 @@
 
 * :func:`head_command` / :func:`worker_command`: the ``ray start`` lines of a cluster (dashboard off,
   see :data:`DASHBOARD_ARGS`); ``docs/cluster.md`` is the recipe.
-* :func:`record_ray_session`: called by a driver after ``ray.init``; writes the Ray session folder
-  and its node processes to ``<experiment>/ray_session.json``.
+* :func:`record_ray_session`: called by a driver after ``ray.init``; writes the Ray session folder,
+  the driver and the session's processes at that moment to ``<experiment>/ray_session.json``.
 * :func:`clean_ray_session`: after a driver was killed (``kill -9``), ends the processes of that
-  recorded session only: a process counts as ours when its command line names the recorded session
-  (``session_<date>_<pid>``). Other users' and other experiments' Ray processes are never touched.
+  recorded session only (:func:`find_session_processes` says which): SIGTERM, then SIGKILL for those
+  still running after a grace period (Ray's dashboard and runtime-env agents ignore SIGTERM), and
+  says what it ended, process by process. Other users' and other experiments' Ray processes are
+  never touched.
+
+A process counts as one of the session's when
+
+* its command line names the session (``session_<date>_<pid>``: the raylet, the GCS server, the
+  dashboard, the monitor and the log monitor carry it in their arguments), or
+* it holds a file open inside the session folder (the dashboard agent, the runtime-env agent and the
+  workers rename themselves ``ray::<Name>``, dropping their arguments, but keep their log files under
+  ``<session>/logs`` open), or
+* it was recorded with the session (same pid and start time: a reused pid is not the same process),
+* or it descends from one of those (a worker the raylet just started).
+
+Processes are read with psutil; one function (:func:`_running`) decides whether a process still runs,
+for the recorded driver and for the processes being ended alike (a zombie has ended).
 """
 
 from __future__ import annotations
@@ -16,19 +31,28 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from wsss_tune.utils.io import atomic_write_json
 
 __all__ = [
     "DASHBOARD_ARGS",
     "SESSION_FILE",
+    "TERM_GRACE_S",
+    "DriverStillRunsError",
+    "SessionProcess",
+    "CleanReport",
     "head_command",
     "worker_command",
     "record_ray_session",
+    "find_session_processes",
     "session_processes",
+    "end_processes",
     "clean_ray_session",
     "ray_stop",
 ]
@@ -40,8 +64,69 @@ DASHBOARD_ARGS = ("--include-dashboard=false",)
 SESSION_FILE = "ray_session.json"
 #: Seconds :func:`clean_ray_session` waits after SIGTERM before sending SIGKILL.
 TERM_GRACE_S = 5.0
-#: Command-line fragments that identify a live sweep driver (the CLI or a script calling the sweep API).
+#: Seconds to wait after SIGKILL for the kernel to end a process (it cannot be ignored; an
+#: uninterruptible sleep, e.g. on a hung network filesystem, can delay it).
+KILL_WAIT_S = 5.0
+#: Command-line fragments that identify a live sweep driver (the CLI or a script calling the sweep API);
+#: used for records without the driver's start time (written before it was recorded).
 DRIVER_MARKS = ("wsss-tune", "wsss_tune", "run_sweep", "resume_sweep")
+#: Two start times closer than this (seconds) are the same process (psutil reads them in clock ticks).
+_START_TOLERANCE_S = 0.5
+#: How often the wait loops look again (seconds).
+_POLL_S = 0.05
+
+
+class DriverStillRunsError(RuntimeError):
+    """The driver that recorded the session still runs: its processes are in use, not left behind."""
+
+
+@dataclass(frozen=True)
+class SessionProcess:
+    """One process of a Ray session, and (after :func:`end_processes`) how it ended.
+
+    ``signal`` is the signal that ended it (``SIGTERM``, ``SIGKILL``), ``gone`` when it had ended
+    before a signal reached it, ``survived`` when it still ran after SIGKILL, ``denied`` when this
+    user may not signal it, and empty when it was only found (a dry run).
+    """
+
+    pid: int
+    name: str
+    started: float
+    signal: str = ""
+
+    def line(self) -> str:
+        how = {"": "", "SIGTERM": " (SIGTERM)", "SIGKILL": " (SIGKILL: it ignored SIGTERM)",
+               "gone": " (had already exited)", "survived": " (still running after SIGKILL)",
+               "denied": " (not permitted to signal it)"}[self.signal]
+        return f"pid {self.pid} {self.name}{how}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "name": self.name, "started": self.started}
+
+
+@dataclass(frozen=True)
+class CleanReport:
+    """What :func:`clean_ray_session` found and did."""
+
+    session_name: str
+    processes: tuple[SessionProcess, ...]
+    dry_run: bool
+    #: Why nothing was looked for (a joined cluster), else empty.
+    skipped: str = ""
+
+    @property
+    def ended(self) -> tuple[SessionProcess, ...]:
+        """Processes this clean-up ended (by SIGTERM or SIGKILL)."""
+        return tuple(p for p in self.processes if p.signal in ("SIGTERM", "SIGKILL"))
+
+    @property
+    def left(self) -> tuple[SessionProcess, ...]:
+        """Processes still running afterwards (not permitted, or not ended by SIGKILL in time)."""
+        return tuple(p for p in self.processes if p.signal in ("survived", "denied"))
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
 
 
 def _ray_bin() -> str:
@@ -74,89 +159,240 @@ def worker_command(*, address: str, num_cpus: int, num_gpus: int = 0, temp_dir: 
     return cmd
 
 
+# --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Whether ``proc`` (the very process, not a later one with its pid) still runs; a zombie has ended."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _process(pid: int, started: float | None = None) -> psutil.Process | None:
+    """The running process ``pid`` (started at ``started``, when given), else None."""
+    try:
+        proc = psutil.Process(int(pid))
+        if started is not None and abs(proc.create_time() - float(started)) > _START_TOLERANCE_S:
+            return None  # the pid now belongs to another process
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+    return proc if _running(proc) else None
+
+
+def _name(proc: psutil.Process) -> str:
+    """A readable name: ``ray::DashboardAgent``, ``raylet``, ``gcs_server``, ``python (log_monitor.py)``."""
+    try:
+        cmd = proc.cmdline()
+        name = proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "?"
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].strip()
+    script = next((os.path.basename(a) for a in cmd[1:4] if a.endswith(".py")), None)
+    return f"{name} ({script})" if script else name
+
+
+def _record(proc: psutil.Process) -> SessionProcess:
+    try:
+        started = proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        started = 0.0
+    return SessionProcess(pid=proc.pid, name=_name(proc), started=started)
+
+
+def _names_session(proc: psutil.Process, session_name: str) -> bool:
+    """The command line names the session, or a file it holds open lies in the session folder."""
+    marker = f"{os.sep}{session_name}{os.sep}"
+    try:
+        if any(session_name in arg for arg in proc.cmdline()):
+            return True
+        return any(marker in f.path for f in proc.open_files())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def find_session_processes(session_name: str, recorded: Iterable[Mapping[str, Any]] = ()) -> list[SessionProcess]:
+    """The running processes of the Ray session ``session_name`` (see the module docstring), other than
+    this process and its ancestors, sorted by pid.
+
+    Args:
+        session_name: ``session_<date>_<pid>`` (the session folder's name).
+        recorded: Processes recorded with the session (``{"pid", "started"}``): counted when the same
+            process still runs.
+
+    Raises:
+        ValueError: ``session_name`` does not look like a Ray session name (it would match too much).
+    """
+    if not isinstance(session_name, str) or not session_name.startswith("session_") or len(session_name) < 12:
+        raise ValueError(f"session name {session_name!r}: expected 'session_<date>_<pid>'")
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    found: dict[int, psutil.Process] = {}
+    for entry in recorded:
+        proc = _process(int(entry.get("pid", 0)), entry.get("started"))
+        if proc is not None:
+            found[proc.pid] = proc
+    for proc in psutil.process_iter():
+        if proc.pid not in spared and proc.pid not in found and _running(proc) and _names_session(proc, session_name):
+            found[proc.pid] = proc
+    for proc in list(found.values()):
+        try:
+            for child in proc.children(recursive=True):
+                if child.pid not in spared and _running(child):
+                    found.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for pid in spared:
+        found.pop(pid, None)
+    return [_record(found[pid]) for pid in sorted(found)]
+
+
+def session_processes(session_name: str) -> list[int]:
+    """Pids of :func:`find_session_processes` (other than this process)."""
+    return [p.pid for p in find_session_processes(session_name)]
+
+
+def end_processes(procs: Sequence[SessionProcess], *, grace: float = TERM_GRACE_S) -> list[SessionProcess]:
+    """SIGTERM each process, SIGKILL those still running after ``grace`` seconds; returns each with
+    the signal that ended it (see :class:`SessionProcess`)."""
+    handles: dict[int, psutil.Process] = {}
+    how: dict[int, str] = {}
+    for p in procs:
+        proc = _process(p.pid, p.started or None)
+        if proc is None:
+            how[p.pid] = "gone"
+            continue
+        try:
+            proc.send_signal(signal.SIGTERM)
+            handles[p.pid] = proc
+            how[p.pid] = "SIGTERM"
+        except psutil.NoSuchProcess:
+            how[p.pid] = "gone"
+        except psutil.AccessDenied:
+            how[p.pid] = "denied"
+    _wait(handles.values(), grace)
+    for pid, proc in handles.items():
+        if _running(proc):
+            try:
+                proc.send_signal(signal.SIGKILL)
+                how[pid] = "SIGKILL"
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.AccessDenied:
+                how[pid] = "denied"
+    _wait([handles[pid] for pid, h in how.items() if h == "SIGKILL"], KILL_WAIT_S)
+    for pid, proc in handles.items():
+        if how[pid] == "SIGKILL" and _running(proc):
+            how[pid] = "survived"
+    return [SessionProcess(pid=p.pid, name=p.name, started=p.started, signal=how[p.pid]) for p in procs]
+
+
+def _wait(procs: Iterable[psutil.Process], seconds: float) -> None:
+    pending = list(procs)
+    deadline = time.monotonic() + max(0.0, seconds)
+    while pending:
+        pending = [p for p in pending if _running(p)]
+        if not pending or time.monotonic() >= deadline:
+            return
+        time.sleep(_POLL_S)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recorded sessions
+# --------------------------------------------------------------------------------------------------
+
+
 def record_ray_session(exp_dir: str | Path) -> dict[str, Any]:
-    """Write the current Ray session (folder, name, driver pid, whether this driver started it)."""
+    """Write the current Ray session (folder, name, driver pid and start time, whether this driver
+    started it, and the session's processes now) to ``<exp_dir>/ray_session.json``."""
     import ray
 
     node = ray._private.worker._global_node  # noqa: SLF001 - the only place Ray exposes the session folder
     session_dir = node.get_session_dir_path() if node is not None else ""
-    doc = {"session_dir": session_dir, "session_name": Path(session_dir).name if session_dir else "",
-           "driver_pid": os.getpid(), "started_here": bool(node is not None and node.head),
+    session_name = Path(session_dir).name if session_dir else ""
+    started_here = bool(node is not None and node.head)
+    procs = find_session_processes(session_name) if started_here and session_name else []
+    doc = {"session_dir": session_dir, "session_name": session_name,
+           "driver_pid": os.getpid(), "driver_started": psutil.Process().create_time(),
+           "started_here": started_here, "processes": [p.to_dict() for p in procs],
            "recorded": time.time()}
     atomic_write_json(Path(exp_dir) / SESSION_FILE, doc)
     return doc
 
 
-def _cmdline(pid: int) -> str:
+def _read_record(path: Path) -> dict[str, Any]:
+    """``ray_session.json``, checked: a clear error naming the file and the field otherwise."""
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{path}: no recorded Ray session ({what}; the sweep never started Ray here)")
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable Ray session record ({exc}); nothing was ended. If the sweep's "
+                         "Ray processes still run, list them with `ps -ef | grep ray::` and end them by pid, "
+                         "or `ray stop --force` when no other Ray session on this machine must survive") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    for key, kind in (("session_name", str), ("driver_pid", int)):
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise ValueError(f"{path}: field {key!r} is {doc.get(key)!r}, expected {kind.__name__} "
+                             "(the file is damaged; nothing was ended)")
+    if not isinstance(doc.get("processes", []), list):
+        raise ValueError(f"{path}: field 'processes' is {doc.get('processes')!r}, expected a list")
+    return doc
 
 
-def session_processes(session_name: str) -> list[int]:
-    """Pids (other than this process) whose command line names ``session_name`` (Linux ``/proc``)."""
-    if not session_name.startswith("session_"):
-        raise ValueError(f"session name {session_name!r}: expected 'session_<date>_<pid>'")
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != me and session_name in _cmdline(int(entry.name)):
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _driver_runs(doc: Mapping[str, Any]) -> bool:
+    """Whether the recording driver still runs (a reused pid running something else does not count)."""
+    started = doc.get("driver_started")
+    proc = _process(doc["driver_pid"], started if isinstance(started, int | float) else None)
+    if proc is None:
         return False
-    except PermissionError:
+    if started is not None:
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and ") Z " in stat.read_text())
+    try:  # a record without the start time: a live pid running a driver of this project
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(mark in cmdline for mark in DRIVER_MARKS)
 
 
-def clean_ray_session(exp_dir: str | Path, *, dry_run: bool = False) -> list[int]:
-    """End the recorded session's processes if its driver is gone; returns their pids.
+def clean_ray_session(exp_dir: str | Path, *, dry_run: bool = False, grace: float = TERM_GRACE_S) -> CleanReport:
+    """End the recorded session's processes if its driver is gone (see the module docstring).
+
+    Args:
+        exp_dir: The experiment folder holding :data:`SESSION_FILE`.
+        dry_run: Only find the processes.
+        grace: Seconds between SIGTERM and SIGKILL.
 
     Raises:
         FileNotFoundError: no :data:`SESSION_FILE` in ``exp_dir``.
-        RuntimeError: the recording driver still runs (stop it first, e.g. Ctrl-C).
+        ValueError: the record is unreadable or names no valid session.
+        DriverStillRunsError: the recording driver still runs (stop it first, e.g. Ctrl-C).
     """
+    if grace < 0:
+        raise ValueError(f"grace={grace!r}: expected seconds >= 0")
     path = Path(exp_dir) / SESSION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no recorded Ray session (the sweep never started Ray here)")
-    doc = json.loads(path.read_text())
+    doc = _read_record(path)
+    name = doc["session_name"]
     if not doc.get("started_here"):
-        return []  # joined an existing cluster: its processes belong to whoever started it
-    driver = int(doc["driver_pid"])
-    # A live pid whose command line is a Python driver of this project is the driver itself (a reused
-    # pid running something else is not).
-    if _alive(driver) and any(mark in _cmdline(driver) for mark in DRIVER_MARKS):
-        raise RuntimeError(f"the driver (pid {doc['driver_pid']}) of {exp_dir} still runs; stop it first")
-    pids = session_processes(doc["session_name"])
-    if dry_run:
-        return pids
-    for pid in pids:
-        with _suppress():
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + TERM_GRACE_S
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            with _suppress():
-                os.kill(pid, signal.SIGKILL)
-    return pids
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], ProcessLookupError | PermissionError)  # type: ignore[arg-type]
+        return CleanReport(session_name=name, processes=(), dry_run=dry_run,
+                           skipped="the sweep joined a running Ray cluster; its processes belong to whoever "
+                                   "started it (`ray stop` on its nodes)")
+    if _driver_runs(doc):
+        raise DriverStillRunsError(f"the driver (pid {doc['driver_pid']}) of {exp_dir} still runs; stop it first "
+                           "(Ctrl-C, or `kill` it), then run ray-clean again")
+    recorded = [p for p in doc.get("processes", []) if isinstance(p, dict)]
+    procs = find_session_processes(name, recorded)
+    if not dry_run:
+        procs = end_processes(procs, grace=grace)
+    return CleanReport(session_name=name, processes=tuple(procs), dry_run=dry_run)
 
 
 def ray_stop(env: Mapping[str, str] | None = None, *, extra: Sequence[str] = ()) -> None:

@@ -33,6 +33,7 @@ from wsss_tune.artifacts import ArtifactKey, ArtifactStore
 from wsss_tune.stages.common import CheckpointManager
 
 __all__ = [
+    "CACHE_REPAIRS_KEY",
     "CHECKPOINT_META",
     "FINAL_KEY",
     "STEP_KEY",
@@ -48,6 +49,9 @@ CHECKPOINT_META = "wsss_tune_checkpoint.json"
 #: Marks a trial's last result: the pipeline finished and every metric is at full fidelity. The
 #: searcher tells Optuna COMPLETE only for trials that sent it (see ``trainables.search``).
 FINAL_KEY = "final"
+#: Result key holding how many corrupted cache artifacts the trial found and rebuilt so far
+#: (:attr:`~wsss_tune.artifacts.ArtifactStore.repairs` of the trial's store); in every result.
+CACHE_REPAIRS_KEY = "cache_repairs"
 #: Result key holding the step the reporter was called with.
 STEP_KEY = "step"
 #: The reporting stage's own step, which the pipeline adds to a stage's metrics.
@@ -170,6 +174,8 @@ class TuneReporter:
         report_fn: Called as ``report_fn(result, checkpoint=...)``; default ``ray.tune.report``.
         staging_dir: Folder for the short-lived checkpoint packages (default: the system temp folder).
         checkpoints: Attach the runner's training checkpoints as Tune checkpoints.
+        store: The trial's artifact store: every result carries its repair count
+            (:data:`CACHE_REPAIRS_KEY`), so trials.parquet shows it also for a trial stopped early.
     """
 
     def __init__(
@@ -178,6 +184,7 @@ class TuneReporter:
         report_fn: ReportFn | None = None,
         staging_dir: str | Path | None = None,
         checkpoints: bool = True,
+        store: ArtifactStore | None = None,
     ) -> None:
         if report_fn is None:
             from ray import tune
@@ -186,6 +193,7 @@ class TuneReporter:
         self._report_fn = report_fn
         self.staging_dir = Path(staging_dir) if staging_dir is not None else None
         self.checkpoints = checkpoints
+        self.store = store
         self.count = 0
         #: Last value of each key over all reports (the final report starts from it).
         self.latest: dict[str, Any] = {}
@@ -202,6 +210,8 @@ class TuneReporter:
 
     def _send(self, result: dict[str, Any], *, checkpoint_dir: str | None, stage: Any) -> None:
         self.count += 1
+        if self.store is not None:
+            result[CACHE_REPAIRS_KEY] = int(self.store.repairs)
         for key, value in result.items():
             if not (isinstance(value, float) and math.isnan(value)):
                 self.latest[key] = value

@@ -163,7 +163,8 @@ def run_trial(
         checkpoint_dir: A restored Tune checkpoint to put back into the store's work folder first.
 
     Returns:
-        The final result (all metrics, ``final: True``).
+        The final result (all metrics, ``cache_repairs``: corrupted cache artifacts this trial found
+        and rebuilt, ``final: True``).
 
     Raises:
         wsss_tune.reporting.DivergedError: training diverged (the trial fails; Optuna records it as failed).
@@ -184,7 +185,9 @@ def run_trial(
         import torch
 
         torch.set_num_threads(settings.threads)
-    reporter = TuneReporter(report_fn=report_fn, staging_dir=run_dir / _STAGING, checkpoints=settings.tune_checkpoints)
+    # Every result carries the store's repair count (corrupted artifacts found and rebuilt).
+    reporter = TuneReporter(report_fn=report_fn, staging_dir=run_dir / _STAGING, checkpoints=settings.tune_checkpoints,
+                            store=store)
     result = run_pipeline(cfg, stages=stages or settings.stages, out_dir=run_dir, reporter=reporter, store=store)
     extra = _metrics_summary(result)
     if settings.time_attr is not None and settings.final_t is not None:

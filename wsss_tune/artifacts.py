@@ -17,7 +17,8 @@ Guarantees:
   Readers trust only a folder with a manifest, so a crash mid-build leaves nothing trusted.
 * **Verified on read.** The manifest lists every file's size and SHA-256; :meth:`ArtifactStore.get`
   checks them, and a truncated or altered artifact counts as missing (and is rebuilt by
-  :meth:`ArtifactStore.get_or_create`) instead of being used.
+  :meth:`ArtifactStore.get_or_create`) instead of being used. Each rebuild of a corrupted artifact
+  is counted in :attr:`ArtifactStore.repairs` (a trial reports it as ``cache_repairs``).
 
 Layout under the store root::
 
@@ -612,6 +613,10 @@ class ArtifactStore:
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else _default_cache_root() / config_hash(ident)
         self.hits = 0
         self.misses = 0
+        #: Corrupted published artifacts this object found and rebuilt (counted when the rebuild
+        #: starts); :attr:`repaired` says which and what was wrong. A trial reports the count.
+        self.repairs = 0
+        self.repaired: builtins.list[tuple[str, str]] = []
         self._build_seconds = 0.0
         self._saved_seconds = 0.0
 
@@ -677,6 +682,26 @@ class ArtifactStore:
 
     # ---- reading -------------------------------------------------------------------------------
 
+    def require_exists(self) -> None:
+        """Raise FileNotFoundError naming the store when its folder does not exist.
+
+        A store is created by its first build, so reading a missing one gives nothing; commands that
+        inspect a store (``wsss-tune cache ls`` / ``gc``) call this so that a mistyped path is an error,
+        not "0 artifacts".
+        """
+        if self._fs is None:
+            assert self._root is not None
+            if self._root.is_dir():
+                return
+            what = "is not a folder" if self._root.exists() else "does not exist"
+        else:
+            if self._fs.get_file_info(self._rroot).type == pafs.FileType.Directory:
+                return
+            what = "does not exist (no such folder in that filesystem)"
+        raise FileNotFoundError(f"artifact store {self._root or self.uri} {what}; expected the store a sweep or run "
+                                "wrote (a sweep's default is <storage>/artifacts, e.g. experiments/artifacts; a "
+                                "run's is run.artifact_store)")
+
     def exists(self, key: ArtifactKey) -> bool:
         """Whether ``key`` is published (its manifest exists). Cheap; does not verify the files."""
         if self._fs is None:
@@ -693,11 +718,16 @@ class ArtifactStore:
         return None if found is None else found[0]
 
     def _lookup(self, key: ArtifactKey) -> tuple[Path, dict[str, Any]] | None:
+        return self._verified(key)[0]
+
+    def _verified(self, key: ArtifactKey) -> tuple[tuple[Path, dict[str, Any]] | None, str | None]:
+        """``(folder and manifest, None)`` of a verified artifact; ``(None, what is wrong)`` for a
+        corrupted one; ``(None, None)`` when it is not published."""
         try:
-            return self._lookup_local(key) if self._fs is None else self._lookup_remote(key)
+            return (self._lookup_local(key) if self._fs is None else self._lookup_remote(key)), None
         except _Corrupt as exc:
             log.warning("artifact %s in %s is corrupted and will not be used: %s", key, self.uri, exc)
-            return None
+            return None, str(exc)
 
     def _lookup_local(self, key: ArtifactKey) -> tuple[Path, dict[str, Any]] | None:
         folder = self._local_dir(key)
@@ -793,13 +823,17 @@ class ArtifactStore:
         while True:
             if lock.try_acquire():
                 try:
-                    found = self._lookup(key)  # published while we waited
+                    found, problem = self._verified(key)  # published while we waited?
                     if found is not None:
                         return self._hit(key, *found)
                     prev = lock.previous
                     if prev is not None and (prev.dead() or time.time() - prev.heartbeat > self.stale_after):
                         log.warning("artifact %s: the previous builder (%s) died before publishing; rebuilding",
                                     key, prev.describe(time.time()))
+                    if problem is not None:
+                        self.repairs += 1
+                        self.repaired.append((str(key), problem))
+                        log.warning("artifact %s in %s: rebuilding the corrupted copy (%s)", key, self.uri, problem)
                     return self._build(key, build, lock)
                 finally:
                     lock.release()
@@ -1158,6 +1192,7 @@ class ArtifactStore:
             "by_stage": by_stage,
             "hits": self.hits,
             "misses": self.misses,
+            "repairs": self.repairs,
             "build_seconds": round(self._build_seconds, 3),
             "saved_seconds": round(self._saved_seconds, 3),
         }

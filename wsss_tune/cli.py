@@ -2,20 +2,230 @@
 
 This is the one place that ties the library, the trainables and the analysis together; heavy
 imports (torch, ray, optuna) happen inside the commands so ``wsss-tune --help`` stays fast.
+
+Errors. Every command runs inside :class:`_Commands`, which turns the project's expected failures
+(a bad config value, a missing or damaged file, an unwritable output, a dataset problem: see
+:func:`_expected_failure`) into one line on stderr, ``error: ...`` naming the file, key or value and
+what to do, and exit code 2. Anything else is a bug and keeps its traceback. When a library's message
+does not name the file it failed on (pyarrow, SQLite, JSON), the file is found among the inputs the
+command declared with :func:`_reads`. Other exit codes: 1 for a finding (``data check``,
+``preflight``, ``doctor``) or a sweep with failed trials (unless ``--allow-failures``).
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import glob
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
-from wsss_tune.config import ConfigError
+#: Exit code of an expected failure (bad input, missing or damaged file, unwritable output).
+EXIT_ERROR = 2
+#: Exit code of a finding: problems found by a check command, failed trials of a sweep.
+EXIT_FINDING = 1
+#: The inputs the running command declared (:func:`_reads`); reset for every invocation.
+_INPUTS: contextvars.ContextVar[list[_Input] | None] = contextvars.ContextVar("wsss_tune_inputs", default=None)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    """A file a command reads: ``pattern`` (a path, or a glob), its format, what it is, what to do if damaged."""
+
+    pattern: str
+    kind: str  # json | parquet | sqlite | yaml
+    what: str
+    fix: str
+
+
+def _reads(*inputs: _Input) -> None:
+    """Declare files the running command reads, so that a parse error without a file name names it."""
+    declared = _INPUTS.get()
+    if declared is not None:
+        declared.extend(inputs)
+
+
+def _reads_yaml(name_or_path: str | Path | None, what: str, example: str) -> None:
+    """Declare a config / search-space argument as an input when it is a file (not a built-in name)."""
+    if name_or_path is not None and Path(name_or_path).suffix in (".yaml", ".yml"):
+        _reads(_Input(str(name_or_path), "yaml", what, f"expected a UTF-8 YAML file like {example}"))
+
+
+def _results_fix(exp: Path) -> str:
+    return f"regenerate the results files from the study and the trial folders: `wsss-tune results rebuild {exp}`"
+
+
+def _experiment_inputs(exp: Path, *, study: bool = True, runs: bool = True) -> list[_Input]:
+    """The files of an experiment folder that the analysis commands read."""
+    items = [
+        _Input(str(exp / "experiment.json"), "json", "experiment record", _results_fix(exp)),
+        _Input(str(exp / "trials.parquet"), "parquet", "trials table", _results_fix(exp)),
+        _Input(str(exp / "reports.parquet"), "parquet", "reports table", _results_fix(exp)),
+        _Input(str(exp / "sweep.json"), "json", "sweep record",
+               "it is written once when the sweep starts: restore it from a copy of the experiment"),
+    ]
+    if study:
+        items.append(_Input(str(exp / "optuna.db"), "sqlite", "Optuna study",
+                            "restore it from a copy, or move it aside: the report is then written without "
+                            "the study (no importances, trials in id order)"))
+    if runs:
+        items.append(_Input(str(exp / "runs" / "*" / "metrics.json"), "json", "trial metrics file",
+                            "a trial writes it when it finishes: move the trial's run folder aside, or resume "
+                            "the sweep to run it again"))
+    return items
+
+
+# --------------------------------------------------------------------------------------------------
+# Expected failures -> one message and exit code 2
+# --------------------------------------------------------------------------------------------------
+
+
+#: The project's own error types, by module: their messages name the file, key or value and what was
+#: expected. Looked up only in modules already imported (an exception's class is), so that an error
+#: path never imports torch or Ray.
+_NAMED_ERRORS = (
+    ("wsss_tune.config", "ConfigError"),
+    ("wsss_tune.spaces", "SpaceError"),
+    ("wsss_tune.data.voc", "DataError"),
+    ("wsss_tune.data.prepare", "PrepareError"),
+    ("wsss_tune.models.weights", "WeightsError"),
+    ("wsss_tune.validate", "PreflightError"),
+    ("wsss_tune.reporting", "DivergedError"),
+    ("wsss_tune.trainables.cluster", "DriverStillRunsError"),
+)
+#: Parser errors that do not name their file, by module, and the file formats they mean.
+_PARSE_ERRORS = (
+    ("json", "JSONDecodeError", ("json",)),
+    ("builtins", "UnicodeDecodeError", ("json", "yaml")),  # a text file holding binary bytes
+    ("yaml", "YAMLError", ("yaml",)),
+    ("pyarrow.lib", "ArrowException", ("parquet",)),
+    ("sqlite3", "DatabaseError", ("sqlite",)),
+    ("sqlalchemy.exc", "DatabaseError", ("sqlite",)),
+)
+
+
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
+
+
+def _named_error(exc: BaseException) -> bool:
+    return any(cls is not None and isinstance(exc, cls) for cls in (_loaded(m, n) for m, n in _NAMED_ERRORS))
+
+
+def _parse_error_kinds(exc: BaseException) -> tuple[str, ...]:
+    """The file formats whose parser may have raised ``exc`` without naming the file (empty if none)."""
+    for module, name, kinds in _PARSE_ERRORS:
+        cls = _loaded(module, name)
+        if cls is not None and isinstance(exc, cls):
+            return kinds
+    return ()
+
+
+def _probe(path: Path, kind: str) -> str | None:
+    """Read ``path`` as ``kind``; the parser's complaint, or None when it reads."""
+    import sqlite3
+
+    try:
+        if kind == "json":
+            json.loads(path.read_text())
+        elif kind == "yaml":
+            import yaml
+
+            yaml.safe_load(path.read_text())
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(path)
+        elif kind == "sqlite":
+            with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+                rows = db.execute("PRAGMA quick_check").fetchall()
+            if rows != [("ok",)]:
+                return "; ".join(str(r[0]) for r in rows[:3])
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
+        return f"{type(exc).__name__}: {str(exc).strip()}"
+    return None
+
+
+def _locate(kinds: Sequence[str], inputs: Sequence[_Input]) -> list[str]:
+    """Messages for the declared inputs of these formats that fail to read (each names its file)."""
+    found = []
+    for item in inputs:
+        if item.kind not in kinds:
+            continue
+        paths = sorted(glob.glob(item.pattern)) if glob.has_magic(item.pattern) else [item.pattern]
+        for p in map(Path, paths):
+            if not p.is_file():
+                continue
+            problem = _probe(p, item.kind)
+            if problem is not None:
+                found.append(f"{p}: the {item.what} is unreadable ({problem}); {item.fix}")
+    return found
+
+
+def _os_message(exc: OSError) -> str:
+    """An OSError as ``<file>: <what happened>``; a message without a file stays as it is."""
+    if exc.filename is None:
+        return str(exc)
+    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    what = exc.strerror or str(exc)
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        what += " (a file is in the way of a folder: expected a folder path)"
+    elif isinstance(exc, IsADirectoryError):
+        what += " (expected a file)"
+    elif isinstance(exc, PermissionError):
+        what += " (pick a location this user can read / write)"
+    return f"{where}: {what}"
+
+
+def _expected_failure(exc: BaseException, inputs: Sequence[_Input] = ()) -> str | None:
+    """The one-line message for an expected failure, or None for anything else (a bug: traceback)."""
+    if isinstance(exc, typer.Exit | typer.Abort) or type(exc).__module__.split(".")[0] in ("click", "typer"):
+        return None  # the command line's own outcomes (exit codes, usage errors)
+    if _named_error(exc):
+        return str(exc)
+    kinds = _parse_error_kinds(exc)
+    if kinds:
+        found = _locate(kinds, inputs)
+        if found:
+            return "\n".join(found)
+        detail = f"{type(exc).__name__}: {str(exc).strip()}"
+        candidates = [i.pattern for i in inputs if i.kind in kinds]
+        if candidates:
+            return f"a file this command reads is unreadable ({detail}); it reads {', '.join(candidates)}"
+        return f"a {' / '.join(kinds)} file is unreadable ({detail})"
+    if isinstance(exc, OSError):
+        return _os_message(exc)
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return None
+
+
+class _Commands(TyperGroup):
+    """The command group: expected failures become ``error: ...`` on stderr and exit code 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        token = _INPUTS.set([])
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = _expected_failure(exc, _INPUTS.get() or ())
+            if message is None:
+                raise
+            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(EXIT_ERROR) from None
+        finally:
+            _INPUTS.reset(token)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hyperparameter search for weakly supervised semantic segmentation (EPS -> AffinityNet "
                        "random walk -> DeepLab) on Ray Tune + Optuna.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare, generate and check datasets.")
@@ -30,9 +240,19 @@ app.add_typer(weights_app, name="weights")
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+def _require_writable(folder: Path, option: str) -> None:
+    """The pre-flight writability check (the one ``run`` and ``sweep`` use) for an output option:
+    raises :class:`~wsss_tune.validate.PreflightError` before any work when ``folder`` cannot be written."""
+    from wsss_tune.validate import PreflightError, check_writable
+
+    check = check_writable(str(folder), name=option)
+    if check.status == "problem":
+        raise PreflightError([dataclasses.replace(check, fix=f"{option} must be a path in a folder this user can write")])
 
 
 def _load(config: str, overrides: list[str] | None, data: Path | None = None):
@@ -57,10 +277,8 @@ def config_show(
     """Print a config fully resolved (defaults filled in, overrides applied, paths absolute)."""
     from wsss_tune.config import dump_yaml
 
-    try:
-        typer.echo(dump_yaml(_load(name, set_)), nl=False)
-    except ConfigError as exc:
-        _fail(str(exc))
+    _reads_yaml(name, "config file", "wsss_tune/configs/synth.yaml")
+    typer.echo(dump_yaml(_load(name, set_)), nl=False)
 
 
 @config_app.command("list")
@@ -95,10 +313,8 @@ def data_synth(
 
     kwargs = {k: v for k, v in dict(n_train=n_train, n_mask_eval=n_mask_eval, n_val=n_val, image_size=image_size,
                                      num_classes=num_classes, cooccur=cooccur).items() if v is not None}
-    try:
-        path = generate_synthetic_voc(out, seed=seed, preset=preset, overwrite=overwrite, **kwargs)
-    except (ValueError, FileExistsError) as exc:
-        _fail(str(exc))
+    _require_writable(out.expanduser().absolute().parent, "OUT")
+    path = generate_synthetic_voc(out, seed=seed, preset=preset, overwrite=overwrite, **kwargs)
     typer.echo(f"synthetic dataset at {path}")
 
 
@@ -120,7 +336,7 @@ def data_check(
     if problems:
         typer.echo(format_problems(problems))
         typer.secho(f"{len(problems)} problem(s) in {root}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FINDING)
     typer.secho(f"ok: {root} ({', '.join(split_list)})", fg=typer.colors.GREEN)
 
 
@@ -135,16 +351,13 @@ def data_prepare_voc(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Build VOC 2012 + SBD (train_aug, train, val, cls_labels.npy) from the official archives; resumable."""
-    from wsss_tune.data.prepare import PrepareError, prepare_voc
+    from wsss_tune.data.prepare import prepare_voc
 
-    try:
-        report = prepare_voc(voc=voc, sbd=sbd, out=out, progress=progress, saliency_from_gt=saliency_from_gt)
-    except PrepareError as exc:
-        _fail(str(exc))
+    report = prepare_voc(voc=voc, sbd=sbd, out=out, progress=progress, saliency_from_gt=saliency_from_gt)
     typer.echo(report.summary())
     if not report.ok:
         typer.secho("counts differ from the official VOC 2012 + SBD sets", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FINDING)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,23 +376,17 @@ def run(
 ) -> None:
     """Run pipeline stages once, without Ray; writes the resolved config and metrics.json."""
     from wsss_tune.stages.pipeline import parse_stages, run_pipeline
+    from wsss_tune.validate import require_preflight
 
-    try:
-        cfg = _load(config, set_, data)
-        stage_list = parse_stages(stages)
-    except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+    _reads_yaml(config, "config file", "wsss_tune/configs/synth.yaml")
+    cfg = _load(config, set_, data)
+    stage_list = parse_stages(stages)
     out_dir = (out or Path("runs") / cfg.name).resolve()
     if synth_if_missing and not Path(cfg.data.root).exists():
         from wsss_tune.data import generate_synthetic_voc
 
         generate_synthetic_voc(cfg.data.root, seed=cfg.run.seed)
-    from wsss_tune.validate import PreflightError, require_preflight
-
-    try:
-        require_preflight(cfg, stages=stage_list, experiments=out_dir)
-    except PreflightError as exc:
-        _fail(str(exc))
+    require_preflight(cfg, stages=stage_list, experiments=out_dir)
     metrics = run_pipeline(cfg, stages=stage_list, out_dir=out_dir)
     headline = {k: v for k, v in metrics.items() if k.endswith("_miou") or k.endswith("_method")}
     typer.echo(json.dumps(headline, indent=2, default=str))
@@ -199,12 +406,8 @@ def weights_inspect(
 ) -> None:
     """What a weights file holds, which backbone it fits, and its missing/unexpected keys by name."""
     from wsss_tune.doctor import describe_weights, format_weights_description
-    from wsss_tune.models.weights import WeightsError
 
-    try:
-        info = describe_weights(file, backbone=backbone)
-    except WeightsError as exc:
-        _fail(str(exc))
+    info = describe_weights(file, backbone=backbone)
     typer.echo(format_weights_description(info, **({"limit": None} if all_keys else {})))
 
 
@@ -221,6 +424,7 @@ def doctor(
     """Check GPUs, data, disk, weights, W&B and the Ray cluster; one line each; non-zero exit on a problem."""
     from wsss_tune.doctor import exit_code, format_checks, run_doctor
 
+    _reads_yaml(config, "config file", "wsss_tune/configs/synth.yaml")
     checks = run_doctor(data=data, config=config, overrides=set_ or [], full=full, store=store,
                         experiments=storage)
     typer.echo(format_checks(checks))
@@ -244,10 +448,12 @@ def report(
 
     if wandb not in ("off", "offline", "online"):
         _fail(f"--wandb {wandb!r}: expected off, offline or online")
-    try:
-        make_report(exp, out=out, images=images, wandb=wandb)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    if images < 0:
+        _fail(f"--images {images}: expected >= 0")
+    _reads(*_experiment_inputs(exp))
+    if out is not None:
+        _require_writable(out, "--out")
+    make_report(exp, out=out, images=images, wandb=wandb)
 
 
 @app.command("plan")
@@ -262,12 +468,9 @@ def plan(
 ) -> None:
     """Estimate a sweep's cost before launching it: times each stage here, then scales it up."""
     from wsss_tune.analysis.plan import plan as make_plan
-    from wsss_tune.spaces import SpaceError
 
-    try:
-        _, text = make_plan(space, data=data, gpus=gpus, trials=trials, cache=cache, asha=asha, steps=steps)
-    except (SpaceError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    _reads_yaml(space, "search space file", "search_spaces/synth_rw.yaml")
+    _, text = make_plan(space, data=data, gpus=gpus, trials=trials, cache=cache, asha=asha, steps=steps)
     typer.echo(text)
 
 
@@ -280,10 +483,10 @@ def compare(
     """Line up two experiments: best configs (fields that differ) and stage tables."""
     from wsss_tune.analysis.compare import compare as make_comparison
 
-    try:
-        make_comparison(exp_a, exp_b, out=out)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    _reads(*_experiment_inputs(exp_a, study=False), *_experiment_inputs(exp_b, study=False))
+    if out is not None:
+        _require_writable(out.expanduser().absolute().parent, "--out")
+    make_comparison(exp_a, exp_b, out=out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,13 +495,19 @@ def compare(
 
 WandbOpt = Annotated[str, typer.Option(help="W&B logging: offline (default; `wandb sync` later) | online | off.")]
 ProgressOpt = Annotated[str, typer.Option(help="rich (live table) | ray (Tune's own output) | off.")]
+AllowFailuresOpt = Annotated[bool, typer.Option(
+    "--allow-failures", help="Exit 0 even if some trials failed (default: exit 1 when any trial failed).")]
 
 
-def _sweep_errors() -> tuple[type[BaseException], ...]:
-    from wsss_tune.data import DataError
-    from wsss_tune.spaces import SpaceError
-
-    return (SpaceError, ConfigError, DataError, FileNotFoundError, ValueError)
+def _check_failures(result: Any, allow_failures: bool) -> None:
+    """Exit 1 when trials of the sweep failed, unless they are allowed (the summary above lists them)."""
+    counts = getattr(result, "counts", None) or {}
+    failed = int(counts.get("failed", 0) or 0)
+    if failed and not allow_failures:
+        _fail(f"{failed} of {counts.get('total', '?')} trial(s) of {result.path} failed (their errors are listed "
+              f"above and in {Path(result.path) / 'trials.parquet'}); fix the cause and resume with "
+              f"`wsss-tune resume {result.path} --restart-errored`, or pass --allow-failures to accept them",
+              code=EXIT_FINDING)
 
 
 @app.command("sweep")
@@ -319,18 +528,18 @@ def sweep(
     store: Annotated[str | None, typer.Option(help="Artifact store (default: <storage>/artifacts).")] = None,
     cache: Annotated[bool, typer.Option(help="Share stage artifacts between trials.")] = True,
     progress: ProgressOpt = "rich",
+    allow_failures: AllowFailuresOpt = False,
 ) -> None:
     """Search a space with Ray Tune + Optuna TPE (+ ASHA); the reference setting runs first."""
     from wsss_tune.config import parse_override
     from wsss_tune.trainables.sweep import sweep as run
 
-    try:
-        overrides = dict(parse_override(o) for o in set_ or [])
-        run(space, data=data, trials=trials, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-            address=address, storage=storage, name=name, wandb=wandb, seed=seed, max_failures=max_failures,
-            max_concurrent=max_concurrent, overrides=overrides, store=store, cache=cache, progress=progress)
-    except _sweep_errors() as exc:
-        _fail(str(exc))
+    _reads_yaml(space, "search space file", "search_spaces/synth_rw.yaml")
+    overrides = dict(parse_override(o) for o in set_ or [])
+    result = run(space, data=data, trials=trials, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+                 address=address, storage=storage, name=name, wandb=wandb, seed=seed, max_failures=max_failures,
+                 max_concurrent=max_concurrent, overrides=overrides, store=store, cache=cache, progress=progress)
+    _check_failures(result, allow_failures)
 
 
 @app.command("resume")
@@ -340,14 +549,15 @@ def resume(
     restart_errored: Annotated[bool, typer.Option(help="Restart failed trials from scratch.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto or host:port).")] = None,
     progress: ProgressOpt = "rich",
+    allow_failures: AllowFailuresOpt = False,
 ) -> None:
     """Continue an interrupted sweep (searcher state kept), then rewrite its results."""
     from wsss_tune.trainables.sweep import resume as run
 
-    try:
-        run(exp, resume_errored=resume_errored, restart_errored=restart_errored, address=address, progress=progress)
-    except _sweep_errors() as exc:
-        _fail(str(exc))
+    _reads(*_experiment_inputs(exp, runs=False))
+    result = run(exp, resume_errored=resume_errored, restart_errored=restart_errored, address=address,
+                 progress=progress)
+    _check_failures(result, allow_failures)
 
 
 @app.command("export")
@@ -359,10 +569,10 @@ def export(
     """Write the best trial's full config as a YAML that `wsss-tune run` accepts."""
     from wsss_tune.trainables.sweep import export as run
 
-    try:
-        run(exp, out=out, allow_incomplete=allow_incomplete)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    _reads(*_experiment_inputs(exp, study=False, runs=False))
+    if out is not None:
+        _require_writable(out.expanduser().absolute().parent, "--out")
+    run(exp, out=out, allow_incomplete=allow_incomplete)
 
 
 @app.command("demo")
@@ -372,14 +582,13 @@ def demo(
     trials: Annotated[int, typer.Option(help="Trials of the synth_pipeline sweep.")] = 6,
     wandb: WandbOpt = "offline",
     progress: ProgressOpt = "rich",
+    allow_failures: AllowFailuresOpt = False,
 ) -> None:
     """A real sweep over the whole pipeline on the synthetic dataset (CPU, about 10 minutes on 2 cores)."""
     from wsss_tune.trainables.sweep import demo as run
 
-    try:
-        run(data=data, storage=storage, trials=trials, wandb=wandb, progress=progress)
-    except _sweep_errors() as exc:
-        _fail(str(exc))
+    result = run(data=data, storage=storage, trials=trials, wandb=wandb, progress=progress)
+    _check_failures(result, allow_failures)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,8 +608,8 @@ def _age_seconds(text: str) -> float:
     except ValueError:
         raise ValueError(f"--older-than {text!r}: expected a number with an optional unit s, m, h or d "
                          "(e.g. 7d)") from None
-    if value < 0:
-        raise ValueError(f"--older-than {text!r}: expected >= 0")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"--older-than {text!r}: expected a finite age >= 0")
     return value
 
 
@@ -411,18 +620,22 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _existing_store(uri: str) -> Any:
+    """The artifact store at ``uri``, which must exist (listing a mistyped path is not "0 artifacts")."""
+    from wsss_tune.artifacts import ArtifactStore
+
+    store = ArtifactStore(uri=uri)
+    store.require_exists()
+    return store
+
+
 @cache_app.command("ls")
 def cache_ls(
     store: StoreArg,
     stage: Annotated[str | None, typer.Option(help="Only this stage (eps, affinity, rw, deeplab, ...).")] = None,
 ) -> None:
     """List published artifacts: stage/digest, age, size, files and build time."""
-    from wsss_tune.artifacts import ArtifactStore
-
-    try:
-        infos = ArtifactStore(uri=store).list(stage)
-    except ValueError as exc:
-        _fail(str(exc))
+    infos = _existing_store(store).list(stage)
     for i in sorted(infos, key=lambda i: (i.key.stage, i.created)):
         typer.echo(f"{i.key.stage}/{i.key.digest}  age {i.age_seconds / 3600:7.1f} h  {_size(i.size_bytes):>9}  "
                    f"{i.num_files:4d} files  built in {i.build_seconds:.1f} s")
@@ -436,13 +649,8 @@ def cache_gc(
     dry_run: Annotated[bool, typer.Option(help="Only report what would be removed.")] = False,
 ) -> None:
     """Remove old artifacts (with --older-than) and clean leftovers of crashed builds and stale locks."""
-    from wsss_tune.artifacts import ArtifactStore
-
-    try:
-        age = _age_seconds(older_than) if older_than is not None else None
-        report = ArtifactStore(uri=store).gc(older_than=age, dry_run=dry_run)
-    except ValueError as exc:
-        _fail(str(exc))
+    age = _age_seconds(older_than) if older_than is not None else None
+    report = _existing_store(store).gc(older_than=age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for i in report.removed:
         typer.echo(f"{verb} {i.key.stage}/{i.key.digest} ({_size(i.size_bytes)})")
@@ -460,44 +668,46 @@ def preflight(
     out: Annotated[Path | None, typer.Option(help="Run / experiment folder to probe for writing.")] = None,
 ) -> None:
     """Check every file, weight and storage location a run needs; exit 1 listing every problem."""
+    from wsss_tune.doctor import exit_code, format_checks
     from wsss_tune.stages.pipeline import parse_stages
-    from wsss_tune.validate import PreflightError, require_preflight
+    from wsss_tune.validate import preflight as run_preflight
 
-    try:
-        cfg = _load(config, set_, data)
-        checks = require_preflight(cfg, stages=parse_stages(stages), store=store, experiments=out)
-    except PreflightError as exc:
-        _fail(str(exc), code=1)
-    except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
-    for c in checks:
-        typer.echo(c.line())
+    _reads_yaml(config, "config file", "wsss_tune/configs/synth.yaml")
+    cfg = _load(config, set_, data)
+    checks = run_preflight(cfg, stages=parse_stages(stages), store=store, experiments=out)
+    typer.echo(format_checks(checks))
+    raise typer.Exit(exit_code(checks))
 
 
 @app.command("ray-clean")
 def ray_clean(
     exp: Annotated[Path, typer.Argument(help="Experiment folder whose driver was killed.")],
     dry_run: Annotated[bool, typer.Option(help="Only list the processes.")] = False,
+    grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")] = 5.0,
 ) -> None:
-    """End the Ray processes a killed sweep driver left behind (only that sweep's recorded session)."""
+    """End the Ray processes a killed sweep driver left behind (only that sweep's recorded session):
+    SIGTERM, then SIGKILL after --grace seconds; lists each process it ended."""
     from wsss_tune.trainables.cluster import clean_ray_session
 
-    try:
-        pids = clean_ray_session(exp, dry_run=dry_run)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        _fail(str(exc))
-    typer.echo(f"{'would end' if dry_run else 'ended'} {len(pids)} process(es): {' '.join(map(str, pids))}")
+    if not grace >= 0:
+        _fail(f"--grace {grace}: expected seconds >= 0")
+    report = clean_ray_session(exp, dry_run=dry_run, grace=grace)
+    if report.skipped:
+        typer.echo(f"nothing to end: {report.skipped}")
+        return
+    shown = report.processes if dry_run else report.ended
+    verb = "would end" if dry_run else "ended"
+    typer.echo(f"{verb} {len(shown)} process(es) of Ray session {report.session_name}" + (":" if shown else ""))
+    for p in report.processes:
+        typer.echo(f"  {p.line()}")
+    if report.left:
+        _fail(f"{len(report.left)} process(es) of Ray session {report.session_name} still run: "
+              f"{', '.join(p.line() for p in report.left)}; end them as their owner (or root)", code=EXIT_FINDING)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: clear one-line errors for user mistakes instead of tracebacks."""
-    from wsss_tune.data import DataError
-
-    try:
-        app(args=argv, standalone_mode=True)
-    except (ConfigError, DataError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+    """Console entry point (expected failures become one ``error:`` line in :class:`_Commands`)."""
+    app(args=argv, standalone_mode=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
