@@ -232,6 +232,8 @@ CASES: list[Case] = [
     Case("report-bad-wandb", lambda w: ["report", str(w.exp()), "--wandb", "sometimes"], lambda w: ["sometimes"]),
     Case("report-negative-images", lambda w: ["report", str(w.exp()), "--images", "-1"], lambda w: ["--images"]),
     *_exp_cases("export", "--allow-incomplete"),
+    Case("export-out-is-a-folder", lambda w: ["export", str(w.exp()), "--allow-incomplete", "--out",
+                                              str(w.folder("outdir"))], lambda w: [f"{w.tmp / 'outdir'}: "]),
     Case("export-incomplete", lambda w: ["export", str(w.exp())], lambda w: ["incomplete"]),
     Case("compare-missing", lambda w: ["compare", str(w.missing), str(w.exp())], lambda w: [str(w.missing)]),
     Case("compare-trials-flipped", lambda w: ["compare", str(w.pristine), str(w.exp(flip("trials.parquet", 4)))],
@@ -242,6 +244,9 @@ CASES: list[Case] = [
     Case("compare-out-under-a-file",
          lambda w: ["compare", str(w.pristine), str(w.pristine), "--out", str(w.blocker / "c.md")],
          lambda w: [str(w.blocker)]),
+    Case("compare-out-is-a-folder",
+         lambda w: ["compare", str(w.pristine), str(w.pristine), "--out", str(w.folder("outdir"))],
+         lambda w: [f"{w.tmp / 'outdir'}: "]),
     Case("compare-out-under-proc", lambda w: ["compare", str(w.pristine), str(w.pristine), "--out", PROC_TARGET],
          lambda w: ["/proc/version"]),
     # ---- plan, sweep, resume, demo (all fail before Ray starts) --------------------------------------

@@ -174,14 +174,19 @@ def _os_message(exc: OSError) -> str:
     """An OSError as ``<file>: <what happened>``; a message without a file stays as it is."""
     if exc.filename is None:
         return str(exc)
-    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    # A two-path failure (a rename into place): the destination is the path the user named.
+    where = str(exc.filename if exc.filename2 is None else exc.filename2)
     what = exc.strerror or str(exc)
-    if isinstance(exc, FileExistsError | NotADirectoryError):
-        what += " (a file is in the way of a folder: expected a folder path)"
+    if isinstance(exc, NotADirectoryError):
+        what += " (a part of the path is a file: expected folders up to the last part)"
+    elif isinstance(exc, FileExistsError):
+        what += " (something is already there)"
     elif isinstance(exc, IsADirectoryError):
         what += " (expected a file)"
     elif isinstance(exc, PermissionError):
         what += " (pick a location this user can read / write)"
+    if exc.filename2 is not None:
+        what += f" (while moving {exc.filename} there)"
     return f"{where}: {what}"
 
 
