@@ -362,3 +362,70 @@ def test_bad_input_gives_one_error_line_and_no_traceback(case: Case, experiment:
         assert res.stderr.lstrip().startswith("error: "), res.output
     for needle in case.needles(w):
         assert needle in res.output, f"{needle!r} not in:\n{res.output}"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only expected failures are mapped: an unexpected exception (here a KeyError raised inside
+    ``config show``) leaves the command as it is, so the console shows its traceback."""
+    import wsss_tune.config
+
+    def broken(*args: object, **kwargs: object) -> str:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(wsss_tune.config, "dump_yaml", broken)
+    res = CliRunner().invoke(app, ["config", "show", "synth"])
+    assert isinstance(res.exception, KeyError) and res.exit_code == 1
+    assert "error:" not in res.output
+
+
+def test_parse_errors_without_a_file_name_are_traced_to_the_declared_file(tmp_path: Path) -> None:
+    """A JSON, YAML, parquet or SQLite error whose message names no file is matched to the declared
+    input of that format that fails to read: the message names it, says what it is and what to do.
+    Inputs that read fine, or of another format, are not blamed; with no damaged input the message
+    lists the candidates."""
+    import json
+    import sqlite3
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from wsss_tune.cli import _expected_failure, _Input
+
+    good_json, bad_json = tmp_path / "good.json", tmp_path / "bad.json"
+    good_json.write_text('{"a": 1}')
+    bad_json.write_text('{"a": 1')
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_bytes(b"a: [1,\n")
+    pq.write_table(pa.table({"x": [1, 2, 3]}), tmp_path / "t.parquet")
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes((tmp_path / "t.parquet").read_bytes()[:-12])
+    bad_db = tmp_path / "bad.db"
+    bad_db.write_bytes(b"not a database at all" * 10)
+    inputs = [_Input(str(good_json), "json", "good record", "nothing to do"),
+              _Input(str(tmp_path / "*.json"), "json", "record", "fix the JSON"),
+              _Input(str(bad_yaml), "yaml", "config file", "fix the YAML"),
+              _Input(str(tmp_path / "t.parquet"), "parquet", "table", "rebuild it"),
+              _Input(str(bad_parquet), "parquet", "table", "rebuild it"),
+              _Input(str(bad_db), "sqlite", "study", "restore it")]
+
+    def raised(fn):  # noqa: ANN001, ANN202 - the exception ``fn`` raises
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        raise AssertionError("expected an exception")
+
+    msg = _expected_failure(raised(lambda: json.loads(bad_json.read_text())), inputs)
+    assert msg == f"{bad_json}: the record is unreadable (JSONDecodeError: Expecting ',' delimiter: line 1 " \
+                  "column 8 (char 7)); fix the JSON"
+    msg = _expected_failure(raised(lambda: yaml.safe_load(bad_yaml.read_text())), inputs)
+    assert msg.startswith(f"{bad_yaml}: the config file is unreadable (") and msg.endswith("; fix the YAML")
+    msg = _expected_failure(raised(lambda: pq.read_table(bad_parquet)), inputs)
+    assert msg.startswith(f"{bad_parquet}: the table is unreadable (") and "t.parquet:" not in msg
+    msg = _expected_failure(raised(lambda: sqlite3.connect(bad_db).execute("select 1 from x").fetchall()), inputs)
+    assert msg == f"{bad_db}: the study is unreadable (DatabaseError: file is not a database); restore it"
+    bad_json.write_text('{"a": 1}')
+    msg = _expected_failure(json.JSONDecodeError("Expecting value", "x", 0), inputs)
+    assert msg.startswith("a file this command reads is unreadable (JSONDecodeError: Expecting value")
+    assert str(good_json) in msg and str(tmp_path / "*.json") in msg
