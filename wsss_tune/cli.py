@@ -7,7 +7,7 @@ Errors. Every command runs inside :class:`_Commands`, which turns the project's 
 (a bad config value, a missing or damaged file, an unwritable output, a dataset problem: see
 :func:`_expected_failure`) into one line on stderr, ``error: ...`` naming the file, key or value and
 what to do, and exit code 2. Anything else is a bug and keeps its traceback. When a library's message
-does not name the file it failed on (pyarrow, SQLite, JSON), the file is found among the inputs the
+does not name the file it failed on (pyarrow, SQLite, JSON, YAML), the file is found among the inputs the
 command declared with :func:`_reads`. Other exit codes: 1 for a finding (``data check``,
 ``preflight``, ``doctor``) or a sweep with failed trials (unless ``--allow-failures``).
 """
@@ -96,6 +96,7 @@ _NAMED_ERRORS = (
     ("wsss_tune.data.prepare", "PrepareError"),
     ("wsss_tune.models.weights", "WeightsError"),
     ("wsss_tune.validate", "PreflightError"),
+    ("wsss_tune.analysis.results", "ResultsError"),
     ("wsss_tune.reporting", "DivergedError"),
     ("wsss_tune.trainables.cluster", "DriverStillRunsError"),
 )
