@@ -58,6 +58,7 @@ from wsss_tune.validate import require_preflight
 
 from .cluster import record_ray_session
 from .records import collect_results, open_study
+from .reporter import CACHE_REPAIRS_KEY
 from .search import STUDY_FILE, ResumePlan, optuna_distributions, resume_plan
 from .trainable import SETTINGS_KEY, TRAINABLES, TrialSettings, trainable_for
 
@@ -109,6 +110,8 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "deeplab.checkpoint_every": 2, "deeplab.log_every": 2,
     "run.device": "cpu",
 }
+#: Failed trials the summary lists one by one (with their error line).
+SHOWN_FAILURES = 10
 #: Trials of the demo sweep: the reference plus five TPE (random start-up) samples, two at a time on
 #: 2 CPU cores; ASHA stops the weaker ones at DeepLab step 100 of 300.
 DEMO_TRIALS = 6
@@ -590,8 +593,16 @@ def print_summary(result: ExperimentResult, *, console: Any = None) -> None:
                       f"gain over the reference setting: {_fmt(gain)}")
         console.print(f"best values: {json.dumps(dict(result.best.params))}")
     failed = [t for t in result.trials if t.status == "failed"]
-    for t in failed[:3]:
-        console.print(f"[red]failed[/red] {t.trial_id}: {t.error}")
+    for t in failed[:SHOWN_FAILURES]:
+        console.print(f"[red]failed[/red] {t.trial_id}: {t.error}", markup=True, highlight=False)
+    if len(failed) > SHOWN_FAILURES:
+        console.print(f"... and {len(failed) - SHOWN_FAILURES} more failed trial(s) (the error column of trials.parquet)")
+    repaired = {t.trial_id: int(t.metrics.get(CACHE_REPAIRS_KEY) or 0) for t in result.trials}
+    if any(repaired.values()):
+        console.print(f"cache repairs (damaged artifacts rebuilt): {sum(repaired.values())} in "
+                      + ", ".join(f"{k} ({v})" for k, v in repaired.items() if v))
+    for warning in result.info.get("warnings") or ():
+        console.print(f"[yellow]warning[/yellow] {warning}", markup=True, highlight=False)
     console.print(f"results: {result.path}/trials.parquet, reports.parquet, experiment.json")
     console.print(f"optuna study: optuna-dashboard {result.info.get('study', {}).get('storage')}")
     w = result.info.get("wandb") or {}
