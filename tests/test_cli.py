@@ -118,3 +118,18 @@ def test_sweep_with_a_diverging_trial_exits_1(ray_local, synth_root, tmp_path, m
     assert runner.invoke(app, ["resume", exp, "--progress", "off", "--allow-failures"]).exit_code == 0
     again = runner.invoke(app, ["resume", exp, "--progress", "off"])
     assert again.exit_code == 1 and "error: 1 of 1 trial(s)" in again.stderr
+
+
+def test_data_check_warns_of_images_with_no_class_and_still_passes(tmp_path, synth_root):
+    """An all-zero label vector is listed by id as a warning; the check still exits 0."""
+    import numpy as np
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    victim = sorted(labels)[0]
+    labels[victim] = np.zeros_like(labels[victim])
+    np.save(root / "cls_labels.npy", labels, allow_pickle=True)
+    res = runner.invoke(app, ["data", "check", str(root), "--splits", "train_aug"])
+    assert res.exit_code == 0, res.output
+    assert victim in res.output and "no class at all" in res.output and "1 warning(s)" in res.output

@@ -238,10 +238,12 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare, generate and check d
 config_app = typer.Typer(no_args_is_help=True, help="Show built-in and resolved configs.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and garbage-collect the stage-artifact cache.")
 weights_app = typer.Typer(no_args_is_help=True, help="Inspect pretrained weight files.")
+results_app = typer.Typer(no_args_is_help=True, help="Regenerate an experiment's results files.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(cache_app, name="cache")
 app.add_typer(weights_app, name="weights")
+app.add_typer(results_app, name="results")
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
 
@@ -338,12 +340,15 @@ def data_check(
     kwargs = {"saliency_dir": saliency} if saliency else {}
     layout = VOCLayout(root=str(root.resolve()), label_source=label_source, **kwargs)
     split_list = [s for s in splits.split(",") if s]
-    problems = check_dataset(layout, split_list, saliency=not no_saliency)
-    if problems:
-        typer.echo(format_problems(problems))
-        typer.secho(f"{len(problems)} problem(s) in {root}", err=True, fg=typer.colors.RED)
+    found = check_dataset(layout, split_list, saliency=not no_saliency, warnings=True)
+    if found:
+        typer.echo(format_problems(found))
+    errors = [p for p in found if p.severity != "warning"]
+    if errors:
+        typer.secho(f"{len(errors)} problem(s) in {root}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_FINDING)
-    typer.secho(f"ok: {root} ({', '.join(split_list)})", fg=typer.colors.GREEN)
+    warned = f", {len(found)} warning(s)" if found else ""
+    typer.secho(f"ok: {root} ({', '.join(split_list)}){warned}", fg=typer.colors.GREEN)
 
 
 @data_app.command("prepare-voc")
@@ -579,6 +584,19 @@ def export(
     if out is not None:
         _require_writable(out.expanduser().absolute().parent, "--out")
     run(exp, out=out, allow_incomplete=allow_incomplete)
+
+
+@results_app.command("rebuild")
+def results_rebuild(
+    exp: Annotated[Path, typer.Argument(help="Experiment folder.")],
+) -> None:
+    """Regenerate trials.parquet, reports.parquet and experiment.json from the Optuna study, the trial
+    folders and Ray's state (read as JSON; nothing is unpickled); no trial any of them knows is dropped."""
+    from wsss_tune.trainables.sweep import print_summary, rebuild_results
+
+    _reads(*_experiment_inputs(exp, runs=False)[3:4])  # sweep.json: the one file that must be intact
+    result = rebuild_results(exp)
+    print_summary(result)
 
 
 @app.command("demo")
