@@ -71,7 +71,8 @@ def synth_refined(synth_eps: tuple[PipelineConfig, Path]) -> StageResult:
     """``synth_eps`` refined: AffinityNet trained on its masks, affinities cached, random walk run
     (~30 s). The result's metrics hold ``eps_miou`` and ``rw_miou`` (per ``t`` too); ``paths["masks"]``
     the refined masks."""
-    from wsss_tune.stages.affinity import run_affinity, run_random_walk
+    from wsss_tune.stages.affinity import run_affinity
+    from wsss_tune.stages.random_walk import run_random_walk
 
     cfg, eps_dir = synth_eps
     work = eps_dir.parent

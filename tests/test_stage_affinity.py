@@ -28,11 +28,10 @@ from wsss_tune.stages.affinity import (
     load_affinity,
     max_steps,
     run_affinity,
-    run_random_walk,
-    rw_t_values,
     train_affinity,
 )
 from wsss_tune.stages.common import StageResult
+from wsss_tune.stages.random_walk import run_random_walk, rw_t_values
 from wsss_tune.utils import atomic_write_bytes
 
 #: Tiny settings: 48 px crops (12 x 12 features at the tiny backbone's stride 4, enough for radius 5,

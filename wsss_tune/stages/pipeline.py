@@ -195,6 +195,7 @@ class PipelineRun:
 
     def affinity(self, eps_dir: Path) -> Path:
         from wsss_tune.stages import affinity as aff_stage
+        from wsss_tune.stages import random_walk as rw_stage
 
         cfg = self.cfg
         key = self.store.key("affinity", str(self.keys["eps"]), *self.parts["affinity"])
@@ -217,7 +218,7 @@ class PipelineRun:
         self.keys["rw"] = rw_key
 
         def build_rw(tmp: Path, rep: Reporter) -> dict[str, Any]:
-            res = aff_stage.run_random_walk(cfg, eps_dir=eps_dir, aff_dir=aff_dir / "aff", out_dir=tmp, reporter=rep)
+            res = rw_stage.run_random_walk(cfg, eps_dir=eps_dir, aff_dir=aff_dir / "aff", out_dir=tmp, reporter=rep)
             return {k: v for k, v in res.metrics.items() if not k.startswith("eps_")}
 
         return self._artifact("rw", rw_key, build_rw)
