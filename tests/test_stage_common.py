@@ -15,6 +15,7 @@ from wsss_tune.stages.common import (
     LogWindow,
     ResumableSampler,
     TrainingLoop,
+    TrainStep,
     build_optimizer,
     capture_rng,
     poly_lr,
@@ -125,3 +126,83 @@ def test_training_loop_stops_on_a_non_finite_logged_value(tmp_path):
     loop.window.add(**{"toy/loss": float("nan")})
     with pytest.raises(DivergedError, match="toy/loss became nan at step 2"):
         loop.after_step(2, lr=0.1)
+
+
+class _ToyData:
+    """``get(i, rng)``: item ``i`` plus augmentation noise, the protocol of ``make_loader``."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def get(self, i, rng):
+        x = torch.tensor([float(i), 1.0]) + torch.from_numpy(rng.normal(size=2).astype(np.float32))
+        return {"x": x, "y": torch.tensor([float(i % 2)])}
+
+
+def _toy_step(seen: list) -> TrainStep:
+    """Two micro-batches per step of a linear regression; records the micro-batches and the LR it saw."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def run(batches, step):
+        seen.append((step, [b["x"].clone() for b in batches], optimizer.param_groups[0]["lr"]))
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for b in batches:
+            loss = torch.nn.functional.mse_loss(model(b["x"]), b["y"]) / len(batches)
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        return {"toy/loss": total}
+
+    return TrainStep(model=model, optimizer=optimizer, scaler=None, run=run, micro_batches=2)
+
+
+def _run(tmp_path, reporter, seen, total=5):
+    step = _toy_step(seen)
+    loop = TrainingLoop("toy", total=total, total_field="toy.iterations", ckpts=CheckpointManager(tmp_path, keep=2),
+                        reporter=reporter, model=step.model, optimizer=step.optimizer, scaler=None,
+                        new_window=LogWindow, log_every=1, checkpoint_every=2)
+    loop.run(step, _ToyData(), batch_size=2, seed=3, lr=0.1, poly_power=1.0)
+    return step.model
+
+
+def test_training_loop_runs_a_step_with_poly_lr_and_resumes_exactly(tmp_path):
+    """5 steps of 2 micro-batches of 2 items: the step sees the poly LR 0.1 * (1 - (step - 1) / 5) set
+    before it and 2 fresh batches per step. A run cut after step 3 (checkpoint at 2) and restarted
+    redoes step 3 on the same batches and ends with the same weights and logged losses."""
+    seen: list = []
+    full_rep = _ListReporter()
+    full = _run(tmp_path / "full", full_rep, seen)
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5]
+    assert [lr for _, _, lr in seen] == pytest.approx([0.1 * (1 - i / 5) for i in range(5)])
+    assert all(len(batches) == 2 and batches[0].shape == (2, 2) for _, batches, _ in seen)
+
+    class Stop(Exception):
+        pass
+
+    class StopAt3(_ListReporter):
+        def report(self, metrics, *, step, checkpoint_dir=None):
+            super().report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+            if step == 3:
+                raise Stop
+
+    cut: list = []
+    with pytest.raises(Stop):
+        _run(tmp_path / "cut", StopAt3(), cut)
+    resumed: list = []
+    rest = _ListReporter()
+    model = _run(tmp_path / "cut", rest, resumed)
+    assert [s for s, _, _ in resumed] == [3, 4, 5]
+    for (_, a, _), (_, b, _) in zip(seen[2:], resumed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(full.state_dict().values(), model.state_dict().values(), strict=True))
+    assert [m["toy/loss"] for _, m, _ in rest.reports] == [m["toy/loss"] for _, m, _ in full_rep.reports][2:]
+
+
+def test_training_loop_refuses_a_step_of_other_objects(tmp_path):
+    step = _toy_step([])
+    loop = _loop(tmp_path, _ListReporter())
+    with pytest.raises(ValueError, match="other objects"):
+        loop.run(step, _ToyData(), batch_size=2, seed=0, lr=0.1, poly_power=1.0)

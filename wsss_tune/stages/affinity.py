@@ -51,15 +51,14 @@ from wsss_tune.stages.common import (
     LogWindow,
     StageResult,
     TrainingLoop,
+    TrainStep,
     backward,
     build_optimizer,
     claim_folder,
     make_grad_scaler,
-    make_loader,
     optimizer_step,
     prepare_model,
     save_state_dict,
-    set_poly_lr,
     to_device,
 )
 from wsss_tune.stages.eps import load_cams
@@ -83,6 +82,7 @@ __all__ = [
     "EPSMaskLabels",
     "DualThresholdLabels",
     "max_steps",
+    "make_affinity_step",
     "train_affinity",
     "compute_affinities",
     "load_affinity",
@@ -272,6 +272,54 @@ def _build_model(cfg: PipelineConfig, *, init_state: Mapping[str, Any] | None, p
                               init_state=init_state, pretrained=pretrained)
 
 
+def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.device) -> TrainStep:
+    """One AffinityNet training step on ``model`` (already on ``device``), with the optimiser of ``a``.
+
+    SGD/Adam, backbone at ``lr`` and the new layers at ``lr * head_lr_mult``; ``affinity.momentum`` is
+    explicit (its default 5e-4 reproduces the reference's weight-decay-in-the-momentum-slot quirk).
+    The step: features (autocast with ``amp``), the label map reduced to the feature stride, pair
+    labels and affinities within ``affinity.radius``, the ``bg/4 + fg/4 + neg/2`` loss checked finite,
+    backward and update. It returns ``affinity/loss``, ``affinity/loss_{bg,fg,neg}`` and
+    ``affinity/pairs_{bg,fg,neg}`` (pair counts of the batch).
+
+    Batches: ``{"image": (B, 3, s, s), "mask": long (B, s, s)}`` (:class:`AffinityTrainSet`).
+
+    Raises:
+        ValueError: ``affinity.crop_size`` is not a multiple of the model's output stride.
+    """
+    stride = model.output_stride
+    if a.crop_size % stride:
+        raise ValueError(f"affinity.crop_size: {a.crop_size} is not a multiple of the backbone's output stride "
+                         f"{stride}, so labels and features would not line up")
+    optimizer = build_optimizer(model.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer,
+                                lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    scaler = make_grad_scaler(device, a.amp)
+
+    def run(batches: Sequence[Mapping[str, Tensor]], step: int) -> dict[str, float]:
+        (batch,) = batches
+        image = to_device(batch["image"], device, a.channels_last)
+        mask = batch["mask"].to(device, non_blocking=True)
+        with autocast(device, a.amp):
+            feats = model(image)
+        small = labels_at_stride(mask, stride)
+        if small.shape[-2:] != feats.shape[-2:]:
+            raise ValueError(f"labels at stride {stride} are {tuple(small.shape[-2:])} but the features are "
+                             f"{tuple(feats.shape[-2:])} for crop {a.crop_size}")
+        aff = affinity_from_features(feats.float(), radius=a.radius)
+        bg_pos, fg_pos, neg = affinity_labels(small, radius=a.radius)
+        loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
+        loss_value = loss.item()
+        check_finite("affinity/loss", loss_value, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        backward(loss, scaler)
+        optimizer_step(optimizer, scaler)
+        return {"affinity/loss": loss_value,
+                **{f"affinity/loss_{p}": float(parts[p].detach()) for p in _PARTS},
+                **{f"affinity/pairs_{p}": float(parts[f"{p}_count"].detach()) for p in _PARTS}}
+
+    return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run)
+
+
 def train_affinity(
     cfg: PipelineConfig,
     *,
@@ -287,11 +335,10 @@ def train_affinity(
     ``eps_dir/model.pt``) or from ``affinity.pretrained`` (``imagenet``; empty = random init). Labels
     per ``affinity.label_source``: the EPS pseudo masks ``eps_dir/masks`` (the seed's design) or the
     PSA dual-threshold labels from ``eps_dir/cams``. Each batch: joint augmentation with 255 mask
-    padding, labels at the feature stride, pair labels within ``affinity.radius``, the
-    ``bg/4 + fg/4 + neg/2`` loss. SGD/Adam, backbone at ``lr`` and the new layers at
-    ``lr * head_lr_mult``, poly decay every step; ``affinity.momentum`` is explicit (its default 5e-4
-    reproduces the reference's weight-decay-in-the-momentum-slot quirk). ``iterations > 0`` overrides
-    ``epochs`` (``len(train) // batch * epochs`` steps otherwise).
+    padding, then :func:`make_affinity_step` (labels at the feature stride, pair labels within
+    ``affinity.radius``, the ``bg/4 + fg/4 + neg/2`` loss), driven by the shared
+    :class:`~wsss_tune.stages.common.TrainingLoop` with poly decay every step. ``iterations > 0``
+    overrides ``epochs`` (``len(train) // batch * epochs`` steps otherwise).
 
     Reports ``affinity/loss``, ``affinity/loss_{bg,fg,neg}``, ``affinity/pairs_{bg,fg,neg}`` (mean pair
     counts per batch) and ``affinity/lr`` every ``log_every`` steps; checkpoints (model, optimizer,
@@ -330,51 +377,18 @@ def train_affinity(
     seed_everything(cfg.run.seed)
     init_state = torch.load(eps_model, map_location="cpu", weights_only=True) if a.init == "eps" else None
     model = _build_model(cfg, init_state=init_state, pretrained=a.pretrained if a.init == "imagenet" else "")
-    stride = model.output_stride
-    if a.crop_size % stride:
-        raise ValueError(f"affinity.crop_size: {a.crop_size} is not a multiple of the backbone's output stride "
-                         f"{stride}, so labels and features would not line up")
     model = prepare_model(model, device, a.channels_last)
-    optimizer = build_optimizer(model.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer,
-                                lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
-    scaler = make_grad_scaler(device, a.amp)
+    step = make_affinity_step(a, model, device=device)
     loop = TrainingLoop(
         "affinity", total=total, total_field="the training steps (affinity.epochs or affinity.iterations)",
         ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
-        model=model, optimizer=optimizer, scaler=scaler, new_window=LogWindow,
+        model=model, optimizer=step.optimizer, scaler=step.scaler, new_window=LogWindow,
         log_every=a.log_every, checkpoint_every=a.checkpoint_every)
-    # Created before the RNG is restored: creating it draws from the global RNG, as at step 0.
-    loader = make_loader(dataset, batch_size=a.batch_size, seed=cfg.run.seed, start_step=loop.start,
-                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    loop.restore()
-
-    model.train()
-    for step in range(loop.start + 1, total + 1):
-        batch = next(loader)
-        lr = set_poly_lr(optimizer, a.lr, step - 1, total, a.poly_power)
-        image = to_device(batch["image"], device, a.channels_last)
-        mask = batch["mask"].to(device, non_blocking=True)
-        with autocast(device, a.amp):
-            feats = model(image)
-        small = labels_at_stride(mask, stride)
-        if small.shape[-2:] != feats.shape[-2:]:
-            raise ValueError(f"labels at stride {stride} are {tuple(small.shape[-2:])} but the features are "
-                             f"{tuple(feats.shape[-2:])} for crop {a.crop_size}")
-        aff = affinity_from_features(feats.float(), radius=a.radius)
-        bg_pos, fg_pos, neg = affinity_labels(small, radius=a.radius)
-        loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
-        loss_value = loss.item()
-        check_finite("affinity/loss", loss_value, step=step)
-        optimizer.zero_grad(set_to_none=True)
-        backward(loss, scaler)
-        optimizer_step(optimizer, scaler)
-        loop.window.add(**{"affinity/loss": loss_value},
-                        **{f"affinity/loss_{p}": float(parts[p].detach()) for p in _PARTS},
-                        **{f"affinity/pairs_{p}": float(parts[f"{p}_count"].detach()) for p in _PARTS})
-        loop.after_step(step, lr)
+    last_logged = loop.run(step, dataset, batch_size=a.batch_size, seed=cfg.run.seed, lr=a.lr, poly_power=a.poly_power,
+                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
     save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": stride, **loop.last_logged})
+    atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": model.output_stride, **last_logged})
     return model_path
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "training_state",
     "backward",
     "optimizer_step",
+    "TrainStep",
     "TrainingLoop",
 ]
 
@@ -415,6 +416,8 @@ def restore_training(state: Mapping[str, Any], *, model: nn.Module, optimizer: t
 class Window(Protocol):
     """What :class:`TrainingLoop` needs of a log window (:class:`LogWindow` or a stage's own)."""
 
+    def add(self, **values: Any) -> None: ...
+
     def summary(self) -> dict[str, float]: ...
 
     def state(self) -> dict[str, Any]: ...
@@ -422,14 +425,41 @@ class Window(Protocol):
     def load(self, state: Mapping[str, Any]) -> None: ...
 
 
-class TrainingLoop:
-    """The bookkeeping every stage's training loop shares, around its own step.
+@dataclass(frozen=True, kw_only=True)
+class TrainStep:
+    """One optimiser step of a stage, with the objects it updates; calling it runs the step.
 
-    A stage builds its model, optimiser and scaler, creates this (which finds the newest checkpoint:
-    :attr:`start` is the step to continue from), creates its data loader from ``start``, calls
-    :meth:`restore` (weights, optimiser, scaler, log window, RNGs; a no-op for a fresh run), then for
-    each ``step in range(loop.start + 1, total + 1)`` does its forward/backward, adds its scalars to
-    :attr:`window`, and calls :meth:`after_step`, which in this order:
+    Each stage builds its own (``make_eps_step``, ``make_affinity_step``, ``make_deeplab_step``):
+    :meth:`TrainingLoop.run` drives it in training, and ``wsss-tune plan`` times the very same
+    function on random batches.
+
+    Attributes:
+        model, optimizer, scaler: what the step trains (the loop checkpoints and restores them).
+        run: ``(batches, step) -> values`` on ``micro_batches`` loader batches: forward, loss (checked
+            finite before the update, ``step`` names the 1-based step in the error), backward and one
+            optimiser update. ``values`` are keyword arguments for the log window's ``add``.
+        micro_batches: loader batches one step consumes (gradient accumulation).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    run: Callable[[Sequence[Any], int], dict[str, Any]]
+    micro_batches: int = 1
+
+    def __call__(self, batches: Sequence[Any], step: int) -> dict[str, Any]:
+        return self.run(batches, step)
+
+
+class TrainingLoop:
+    """The training loop every stage shares, around its own :class:`TrainStep`.
+
+    A stage builds its model and step, creates this (which finds the newest checkpoint: :attr:`start`
+    is the step to continue from) and calls :meth:`run`, which creates the data loader from
+    ``start``, calls :meth:`restore` (weights, optimiser, scaler, log window, RNGs; a no-op for a
+    fresh run), then for each ``step in range(start + 1, total + 1)`` draws the step's batches, sets
+    the poly LR, runs the step, adds its values to :attr:`window` and calls :meth:`after_step`, which
+    in this order:
 
     1. every ``log_every`` steps and at the last one, closes the window: its summary (checked finite)
        is reported with ``<stage>/lr`` and kept as :attr:`last_logged`;
@@ -483,3 +513,29 @@ class TrainingLoop:
         if metrics or checkpoint_dir:
             metrics[f"{self.stage}/lr"] = lr
             self.reporter.report(metrics, step=step, checkpoint_dir=checkpoint_dir)
+
+    def run(self, step: TrainStep, dataset: Any, *, batch_size: int, seed: int, lr: float, poly_power: float,
+            num_workers: int = 0, pin_memory: bool = False) -> dict[str, float]:
+        """Train from :attr:`start` to ``total`` and return :attr:`last_logged`.
+
+        Args:
+            step: the stage's step; it must train this loop's model, optimiser and scaler.
+            dataset: training items for :func:`make_loader` (``__len__`` and ``get(i, rng)``).
+            batch_size, seed, num_workers, pin_memory: passed to :func:`make_loader`.
+            lr, poly_power: base LR and power of the poly schedule, set before each step
+                (``poly_lr(lr, step - 1, total, poly_power)`` times each group's ``lr_mult``).
+        """
+        if step.model is not self.model or step.optimizer is not self.optimizer or step.scaler is not self.scaler:
+            raise ValueError(f"{self.stage}: the step trains other objects than the loop checkpoints")
+        # The loader is created before the RNG is restored: creating it draws from the global RNG, as it
+        # did at step 0 of the uninterrupted run. It counts loader batches, `micro_batches` per step.
+        loader = make_loader(dataset, batch_size=batch_size, seed=seed, start_step=self.start * step.micro_batches,
+                             num_workers=num_workers, pin_memory=pin_memory)
+        self.restore()
+        self.model.train()
+        for i in range(self.start + 1, self.total + 1):
+            batches = [next(loader) for _ in range(step.micro_batches)]
+            current_lr = set_poly_lr(self.optimizer, lr, i - 1, self.total, poly_power)
+            self.window.add(**step(batches, i))
+            self.after_step(i, current_lr)
+        return self.last_logged

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +42,14 @@ from wsss_tune.stages.common import (
     LogWindow,
     StageResult,
     TrainingLoop,
+    TrainStep,
     backward,
     build_optimizer,
     claim_folder,
     make_grad_scaler,
-    make_loader,
     optimizer_step,
     prepare_model,
     save_state_dict,
-    set_poly_lr,
     to_device,
 )
 from wsss_tune.stages.evaluate import miou_metrics, tune_heldout_ids
@@ -72,6 +71,7 @@ __all__ = [
     "multiscale_probs",
     "predict_probs",
     "evaluate_model",
+    "make_deeplab_step",
     "train_deeplab",
     "evaluate_deeplab",
     "run_deeplab",
@@ -330,6 +330,39 @@ def eval_subset_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.device) -> TrainStep:
+    """One DeepLab training step on ``model`` (already on ``device``), with :func:`build_deeplab_optimizer`.
+
+    A step is ``accumulate`` micro-batches (each loss divided by ``accumulate``, as deeplab-pytorch's
+    ``ITER_SIZE``; each checked finite before its backward), then one optimiser update. The loss is
+    :func:`~wsss_tune.ops.seg_loss.msc_loss` (labels shrunk to each output, summed over the MSC
+    outputs; class-balanced with ``balanced_ce``). It returns ``deeplab/loss``, the step's loss.
+
+    Batches: ``accumulate`` of ``{"image": (B, 3, s, s), "mask": long (B, s, s)}``
+    (:class:`~wsss_tune.data.SegmentationDataset`).
+    """
+    optimizer = build_deeplab_optimizer(model, d)
+    scaler = make_grad_scaler(device, d.amp)
+
+    def run(batches: Sequence[Mapping[str, Tensor]], step: int) -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for batch in batches:
+            image = to_device(batch["image"], device, d.channels_last)
+            target = batch["mask"].to(device, non_blocking=True)
+            with autocast(device, d.amp):
+                outputs = model(image)
+            loss = msc_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
+            loss_value = loss.item()
+            check_finite("deeplab/loss", loss_value * d.accumulate, step=step)
+            backward(loss, scaler)
+            step_loss += loss_value
+        optimizer_step(optimizer, scaler)
+        return {"deeplab/loss": step_loss}
+
+    return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run, micro_batches=d.accumulate)
+
+
 def train_deeplab(
     cfg: PipelineConfig,
     *,
@@ -340,11 +373,9 @@ def train_deeplab(
 ) -> Path:
     """Train DeepLab on the masks in ``mask_dir`` and return ``out_dir/model.pt``.
 
-    One step is ``accumulate`` micro-batches of ``batch_size`` crops (each micro-batch loss divided by
-    ``accumulate``, as deeplab-pytorch's ``ITER_SIZE``), then one optimiser update; the LR follows the
-    poly schedule ``lr * (1 - step / iterations) ** poly_power`` per group multiplier. The loss is
-    :func:`~wsss_tune.ops.seg_loss.msc_loss` (labels shrunk to each output, summed over the MSC outputs;
-    class-balanced with ``balanced_ce``).
+    One step is :func:`make_deeplab_step`: ``accumulate`` micro-batches of ``batch_size`` crops, then one
+    optimiser update. The shared :class:`~wsss_tune.stages.common.TrainingLoop` drives it, the LR
+    following the poly schedule ``lr * (1 - step / iterations) ** poly_power`` per group multiplier.
 
     Every ``log_every`` steps reports ``deeplab/loss`` (mean over the window) and ``deeplab/lr``; every
     ``eval_every`` steps ``deeplab_miou_tune`` on :func:`eval_subset_ids` (test scales and flip as
@@ -375,8 +406,7 @@ def train_deeplab(
 
     seed_everything(cfg.run.seed)
     model = prepare_model(_build_model(d, layout.num_classes, pretrained=d.pretrained), device, d.channels_last)
-    optimizer = build_deeplab_optimizer(model, d)
-    scaler = make_grad_scaler(device, d.amp)
+    step = make_deeplab_step(d, model, device=device)
 
     def evaluate() -> float:
         per_image = evaluate_model(model, layout, eval_ids, test_scales=d.test_scales, test_flip=d.test_flip,
@@ -389,37 +419,14 @@ def train_deeplab(
     loop = TrainingLoop(
         "deeplab", total=d.iterations, total_field="deeplab.iterations",
         ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
-        model=model, optimizer=optimizer, scaler=scaler, new_window=LogWindow,
+        model=model, optimizer=step.optimizer, scaler=step.scaler, new_window=LogWindow,
         log_every=d.log_every, checkpoint_every=d.checkpoint_every,
         evaluate=evaluate if eval_ids else None, eval_every=d.eval_every)
-    # Created before the RNG is restored: creating the loader draws from the global RNG, as it did at
-    # step 0 of the uninterrupted run. It counts micro-batches, `accumulate` per step.
-    loader = make_loader(dataset, batch_size=d.batch_size, seed=cfg.run.seed, start_step=loop.start * d.accumulate,
-                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    loop.restore()
-
-    model.train()
-    for step in range(loop.start + 1, d.iterations + 1):
-        lr = set_poly_lr(optimizer, d.lr, step - 1, d.iterations, d.poly_power)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(d.accumulate):
-            batch = next(loader)
-            image = to_device(batch["image"], device, d.channels_last)
-            target = batch["mask"].to(device, non_blocking=True)
-            with autocast(device, d.amp):
-                outputs = model(image)
-            loss = msc_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
-            loss_value = loss.item()
-            check_finite("deeplab/loss", loss_value * d.accumulate, step=step)
-            backward(loss, scaler)
-            step_loss += loss_value
-        optimizer_step(optimizer, scaler)
-        loop.window.add(**{"deeplab/loss": step_loss})
-        loop.after_step(step, lr)
+    last_logged = loop.run(step, dataset, batch_size=d.batch_size, seed=cfg.run.seed, lr=d.lr, poly_power=d.poly_power,
+                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
     save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **loop.last_logged})
+    atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **last_logged})
     return model_path
 
 

@@ -45,17 +45,17 @@ from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.reporting import Reporter, check_finite
 from wsss_tune.stages.common import (
     CheckpointManager,
+    LogWindow,
     StageResult,
     TrainingLoop,
+    TrainStep,
     backward,
     build_optimizer,
     claim_folder,
     make_grad_scaler,
-    make_loader,
     optimizer_step,
     prepare_model,
     save_state_dict,
-    set_poly_lr,
     to_device,
 )
 from wsss_tune.stages.evaluate import score_masks, tune_heldout_ids
@@ -79,6 +79,7 @@ __all__ = [
     "train_key",
     "cam_normalization",
     "eval_subset_ids",
+    "make_eps_step",
     "train_eps",
     "infer_eps",
     "load_cams",
@@ -208,45 +209,90 @@ def _evaluate(model: EPSNet, layout: VOCLayout, ids: Sequence[str], *, e: EPSCon
 # --------------------------------------------------------------------------------------------------
 
 
-class _LogWindow:
-    """Loss and per-class overlap sums since the last log; saved in checkpoints so reports resume too."""
+class _LogWindow(LogWindow):
+    """The losses' :class:`~wsss_tune.stages.common.LogWindow`, plus each class's overlap ratio summed
+    over the images where the class is present; saved in checkpoints so reports resume too."""
 
-    def __init__(self, class_names: Sequence[str], *, with_sal: bool) -> None:
-        self.class_names, self.with_sal = list(class_names), with_sal
-        self.steps = 0
-        self.loss = self.cls = self.sal = 0.0
+    def __init__(self, class_names: Sequence[str]) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
         self.overlap_sum = torch.zeros(len(class_names), dtype=torch.float64)
         self.overlap_count = torch.zeros(len(class_names), dtype=torch.float64)
 
-    def add(self, loss: float, cls: float, sal: float, overlap: Tensor | None, labels: Tensor) -> None:
-        self.steps += 1
-        self.loss += loss
-        self.cls += cls
-        self.sal += sal
-        if overlap is not None:
-            present = (labels != 0).double().cpu()  # (B, C): absent classes do not count
+    def add(self, *, overlap: Tensor | None = None, labels: Tensor | None = None, **values: float) -> None:
+        """Add the scalars ``values`` and, with ``overlap``, the per-class overlap of the images' labelled
+        classes.
+
+        Shape:
+            overlap, labels: (B, C)
+        """
+        super().add(**values)
+        if overlap is not None and labels is not None:
+            present = (labels != 0).double().cpu()  # absent classes do not count
             self.overlap_sum += (overlap.detach().double().cpu() * present).sum(0)
             self.overlap_count += present.sum(0)
 
     def summary(self) -> dict[str, float]:
-        n = max(self.steps, 1)
-        out = {"eps/loss": self.loss / n, "eps/loss_cls": self.cls / n}
-        if self.with_sal:
-            out["eps/loss_sal"] = self.sal / n
-            for c, name in enumerate(self.class_names):
-                if self.overlap_count[c] > 0:
-                    out[f"eps/overlap/{name}"] = float(self.overlap_sum[c] / self.overlap_count[c])
+        out = super().summary()
+        for c, name in enumerate(self.class_names):
+            if self.overlap_count[c] > 0:
+                out[f"eps/overlap/{name}"] = float(self.overlap_sum[c] / self.overlap_count[c])
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss": self.loss, "cls": self.cls, "sal": self.sal,
-                "overlap_sum": self.overlap_sum, "overlap_count": self.overlap_count}
+        return {**super().state(), "overlap_sum": self.overlap_sum, "overlap_count": self.overlap_count}
 
     def load(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.loss, self.cls, self.sal = float(state["loss"]), float(state["cls"]), float(state["sal"])
+        super().load(state)
         self.overlap_sum = state["overlap_sum"].clone()
         self.overlap_count = state["overlap_count"].clone()
+
+
+def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device) -> TrainStep:
+    """One EPS training step on ``model`` (already on ``device``), with the optimiser of ``e``.
+
+    Optimiser groups follow the reference: backbone at ``lr``, the new head at ``lr * head_lr_mult``.
+    ``eps.momentum`` is passed explicitly: its default 5e-4 reproduces the reference, which hands its
+    weight decay to SGD's momentum slot by mistake (0.9 is the usual value). Adam ignores it.
+
+    The step: forward (autocast with ``amp``), ``L_cls + L_sal`` (``method: eps``) or ``L_cls`` alone
+    (``cam``) in float32, the loss checked finite, backward and update. It returns ``eps/loss``,
+    ``eps/loss_cls``, ``eps/loss_sal`` (EPS only), and the overlap ratios with the labels for the
+    per-class means.
+
+    Batches: ``{"image": (B, 3, s, s), "label": (B, C), "saliency": (B, 1, s, s)}`` (no saliency for
+    ``cam``), as :class:`~wsss_tune.data.ClassificationDataset` makes them.
+    """
+    _check_config(e)
+    optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
+                                lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
+    scaler = make_grad_scaler(device, e.amp)
+    use_saliency = e.method == "eps"
+
+    def run(batches: Sequence[Mapping[str, Tensor]], step: int) -> dict[str, Any]:
+        (batch,) = batches
+        image = to_device(batch["image"], device, e.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device, e.amp):
+            image_logits, maps = model(image)
+        sal = overlap = None
+        if use_saliency:
+            saliency = batch["saliency"].to(device, non_blocking=True)
+            out = eps_loss(maps.float(), saliency, labels, image_logits=image_logits.float(), tau=e.tau, lam=e.lam)
+            loss, cls, sal, overlap = out.loss, out.cls, out.sal, out.overlap
+        else:
+            loss = cls = classification_loss(image_logits.float(), labels)
+        loss_value = loss.item()
+        check_finite("eps/loss", loss_value, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        backward(loss, scaler)
+        optimizer_step(optimizer, scaler)
+        values: dict[str, Any] = {"eps/loss": loss_value, "eps/loss_cls": cls.item()}
+        if sal is not None:
+            values["eps/loss_sal"] = sal.item()
+        return {**values, "overlap": overlap, "labels": labels}
+
+    return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run)
 
 
 def train_eps(
@@ -258,10 +304,8 @@ def train_eps(
 ) -> Path:
     """Train the EPS classifier (or the plain CAM baseline) and return ``out_dir/model.pt``.
 
-    Optimiser groups follow the reference: backbone at ``lr``, the new head at ``lr * head_lr_mult``,
-    poly decay every step. ``eps.momentum`` is passed explicitly: its default 5e-4 reproduces the
-    reference, which hands its weight decay to SGD's momentum slot by mistake (0.9 is the usual value).
-    Adam ignores it.
+    Each step is :func:`make_eps_step` (optimiser groups, loss), driven by the shared
+    :class:`~wsss_tune.stages.common.TrainingLoop` with poly decay every step.
 
     Every ``log_every`` steps reports ``eps/loss``, ``eps/loss_cls``, ``eps/loss_sal``, ``eps/lr`` and
     ``eps/overlap/<class>`` (mean over the window, images where the class is present); every
@@ -285,11 +329,9 @@ def train_eps(
         return model_path
 
     layout = VOCLayout.from_config(cfg.data)
-    class_names = layout.class_names
-    use_saliency = e.method == "eps"
     transform = TrainTransform(resize_long=e.resize_long, hflip=TRAIN_HFLIP, jitter=e.jitter, crop_size=e.crop_size)
     dataset = ClassificationDataset(layout, layout.split_ids(cfg.data.train_split), transform=transform,
-                                    with_saliency=use_saliency)
+                                    with_saliency=e.method == "eps")
     eval_ids = eval_subset_ids(layout, cfg) if e.eval_every > 0 else []
     if e.eval_every > 0 and e.eval_images > 0 and not eval_ids:
         warnings.warn(f"eps.eval_every = {e.eval_every} but the tuning half of data.mask_eval_split "
@@ -298,49 +340,19 @@ def train_eps(
     seed_everything(cfg.run.seed)
     model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained=e.pretrained)
     model = prepare_model(model, device, e.channels_last)
-    optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
-                                lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
-    scaler = make_grad_scaler(device, e.amp)
+    step = make_eps_step(e, model, device=device)
     loop = TrainingLoop(
         "eps", total=e.iterations, total_field="eps.iterations",
         ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
-        model=model, optimizer=optimizer, scaler=scaler,
-        new_window=lambda: _LogWindow(class_names, with_sal=use_saliency),
+        model=model, optimizer=step.optimizer, scaler=step.scaler, new_window=lambda: _LogWindow(layout.class_names),
         log_every=e.log_every, checkpoint_every=e.checkpoint_every,
         evaluate=(lambda: _evaluate(model, layout, eval_ids, e=e, device=device)) if eval_ids else None,
         eval_every=e.eval_every)
-    # The loader is created before the RNG is restored: creating it draws from the global RNG, as it
-    # did at step 0 of the uninterrupted run.
-    loader = make_loader(dataset, batch_size=e.batch_size, seed=cfg.run.seed, start_step=loop.start,
-                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    loop.restore()
-
-    model.train()
-    for step in range(loop.start + 1, e.iterations + 1):
-        batch = next(loader)
-        lr = set_poly_lr(optimizer, e.lr, step - 1, e.iterations, e.poly_power)
-        image = to_device(batch["image"], device, e.channels_last)
-        labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, e.amp):
-            image_logits, maps = model(image)
-        overlap = None
-        if use_saliency:
-            saliency = batch["saliency"].to(device, non_blocking=True)
-            out = eps_loss(maps.float(), saliency, labels, image_logits=image_logits.float(), tau=e.tau, lam=e.lam)
-            loss, cls, sal, overlap = out.loss, out.cls, out.sal, out.overlap
-        else:
-            loss = cls = classification_loss(image_logits.float(), labels)
-            sal = None
-        loss_value = loss.item()
-        check_finite("eps/loss", loss_value, step=step)
-        optimizer.zero_grad(set_to_none=True)
-        backward(loss, scaler)
-        optimizer_step(optimizer, scaler)
-        loop.window.add(loss_value, cls.item(), sal.item() if sal is not None else 0.0, overlap, labels)
-        loop.after_step(step, lr)
+    last_logged = loop.run(step, dataset, batch_size=e.batch_size, seed=cfg.run.seed, lr=e.lr, poly_power=e.poly_power,
+                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
     save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **loop.last_logged})
+    atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **last_logged})
     return model_path
 
 
