@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_tune.config import ConfigError, PipelineConfig, apply_overrides, from_dict
+from wsss_tune.stages import graph
 from wsss_tune.stages.pipeline import parse_stages
 
 __all__ = [
@@ -50,12 +51,9 @@ SETTINGS_KEY = "wsss_tune"
 #: Result key holding the id of the Ray node that ran the trial (Ray adds ``node_ip`` and ``hostname``,
 #: which are the same for every node of a single-host cluster).
 NODE_KEY = "node_id"
-#: Stages each per-stage trainable runs (upstream artifacts it needs come from the cache).
-_STAGE_TRAINABLE_STAGES: dict[str, tuple[str, ...]] = {
-    "eps": ("eps",),
-    "affinity": ("eps", "affinity"),
-    "deeplab": ("deeplab",),
-}
+#: Stages each per-stage trainable runs: the stage and those it always reads (from the stage graph;
+#: upstream a config chooses, such as DeepLab's masks, comes from the cache).
+_STAGE_TRAINABLE_STAGES: dict[str, tuple[str, ...]] = graph.stage_requirements()
 #: Folder of a run's short-lived Tune checkpoint packages, inside its run folder.
 _STAGING = ".tune_checkpoints"
 
@@ -87,6 +85,9 @@ class TrialSettings:
     tune_checkpoints: bool = True
 
     def __post_init__(self) -> None:
+        plugins = (self.base.get("run") or {}).get("stage_plugins") if isinstance(self.base, Mapping) else None
+        if plugins:  # in a Ray worker: the stages the sweep's plugins add
+            graph.load_plugins(list(plugins))
         object.__setattr__(self, "stages", parse_stages(list(self.stages)))
         if not Path(self.runs_dir).is_absolute():
             raise ValueError(f"trial settings runs_dir {self.runs_dir!r}: expected an absolute path "
@@ -252,7 +253,9 @@ TRAINABLES: dict[str, Callable[[dict[str, Any]], None]] = {
 def trainable_for(stages: Sequence[str]) -> tuple[str, Callable[[dict[str, Any]], None]]:
     """The trainable whose stages are exactly ``stages`` (``pipeline`` for any other set)."""
     wanted = parse_stages(list(stages))
-    for name, own in _STAGE_TRAINABLE_STAGES.items():
+    for name, own in graph.stage_requirements().items():
+        if name not in TRAINABLES:
+            continue
         if wanted == own:
             return name, TRAINABLES[name]
     return "pipeline", TRAINABLES["pipeline"]

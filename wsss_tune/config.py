@@ -396,6 +396,10 @@ class RunConfig(_Checked):
     #: ``rw.logt`` above :data:`MAX_LOGT` (12: ``2**12`` = 4,096 walk steps per image; the reference
     #: uses 8), which would otherwise run for hours or never finish. Set it on purpose, per run.
     allow_expensive: bool = False
+    #: Modules (``module`` or ``module:function``) that add stages to the stage graph
+    #: (:func:`wsss_tune.stages.graph.register`), imported before a run or sweep and in every Ray
+    #: worker; they must be importable there (on ``PYTHONPATH``). Empty: the built-in graph.
+    stage_plugins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ from wsss_tune.config import (
     load_config,
     parse_yaml,
 )
-from wsss_tune.stages.pipeline import STAGES, parse_stages
+from wsss_tune.stages import graph
+from wsss_tune.stages.pipeline import parse_stages
 
 __all__ = [
     "SECTION_STAGE",
@@ -79,16 +80,13 @@ __all__ = [
     "validate",
 ]
 
-#: Which pipeline stage (:data:`wsss_tune.stages.pipeline.STAGES`) reads each stage's config section;
-#: the ``affinity`` stage runs the random walk too. ``data`` and ``run`` concern every stage.
-SECTION_STAGE: dict[str, str] = {"eps": "eps", "affinity": "affinity", "rw": "affinity", "deeplab": "deeplab"}
-#: Metrics a search may optimise: the tuning-half mIoU each stage runner reports, with the stage
-#: that reports it and the ``DataConfig`` field naming the split it is measured on.
-TUNE_METRICS: dict[str, tuple[str, str]] = {
-    "eps_miou_tune": ("eps", "mask_eval_split"),
-    "rw_miou_tune": ("affinity", "mask_eval_split"),
-    "deeplab_miou_tune": ("deeplab", "val_split"),
-}
+#: Which pipeline stage reads each stage's config section (the ``affinity`` stage runs the random
+#: walk too; ``data`` and ``run`` concern every stage), and the metrics a search may optimise (the
+#: tuning-half mIoU each stage reports, with that stage and the ``DataConfig`` field naming the split
+#: it is measured on): both derived from the stage graph (:mod:`wsss_tune.stages.graph`), which
+#: the functions below read at call time, so a stage added to the graph is searchable at once.
+SECTION_STAGE: dict[str, str] = graph.section_stages()
+TUNE_METRICS: dict[str, tuple[str, str]] = graph.tune_metrics()
 #: Suffixes of the two derived halves of an evaluation split (``train_tune``, ``val_heldout``).
 TUNE_SUFFIX, HELDOUT_SUFFIX = "_tune", "_heldout"
 #: Distributions a parameter may use.
@@ -254,9 +252,9 @@ class SearchSpace:
 
     def _derived_halves(self, cfg: PipelineConfig) -> str | None:
         """The evaluation split whose derived halves ``tune_split``/``heldout_split`` name, if they do."""
-        if self.metric not in TUNE_METRICS:
+        if self.metric not in graph.tune_metrics():
             return None
-        eval_split = getattr(cfg.data, TUNE_METRICS[self.metric][1])
+        eval_split = getattr(cfg.data, graph.tune_metrics()[self.metric][1])
         if self.tune_split == eval_split + TUNE_SUFFIX and self.heldout_split == eval_split + HELDOUT_SUFFIX:
             return eval_split
         return None
@@ -369,8 +367,15 @@ def space_from_dict(data: Any, *, source: str | Path | None = None, name: str | 
             raise SpaceError(where, key, "required key is missing")
     stages = data["stages"]
     if not (stages == "all" or isinstance(stages, list) and all(isinstance(s, str) for s in stages)):
-        raise SpaceError(where, "stages", f"expected a list of stage names ({', '.join(STAGES)}) or 'all', "
+        raise SpaceError(where, "stages", f"expected a list of stage names ({', '.join(graph.stage_names())}) or 'all', "
                          f"got {stages!r}")
+    plugins = (data.get("overrides") or {}).get("run.stage_plugins") if isinstance(data.get("overrides"), Mapping) \
+        else None
+    if plugins:  # stages they add are named in this space
+        try:
+            graph.load_plugins(list(plugins))
+        except ValueError as exc:
+            raise SpaceError(where, "overrides.run.stage_plugins", str(exc)) from None
     try:
         stages = parse_stages(stages)
     except ValueError as exc:
@@ -413,7 +418,7 @@ def _validate_param(p: Param, space: SearchSpace) -> None:
     except ConfigError as exc:
         raise SpaceError(where, key, f"unknown parameter path ({exc})") from None
     section = p.path.partition(".")[0]
-    stage = SECTION_STAGE.get(section)
+    stage = graph.section_stages().get(section)
     if stage is not None and stage not in space.stages:
         raise SpaceError(where, key, f"section {section!r} is read by the {stage!r} stage, which stages "
                          f"{list(space.stages)} do not run")
@@ -504,7 +509,7 @@ def _validate_points(space: SearchSpace, cfg: PipelineConfig) -> None:
 def _validate_splits(space: SearchSpace, cfg: PipelineConfig) -> None:
     """Derived halves must be halves of the split the metric is measured on; no mixing with files."""
     where = space.where
-    field_name = TUNE_METRICS[space.metric][1]
+    field_name = graph.tune_metrics()[space.metric][1]
     eval_split = getattr(cfg.data, field_name)
     if space._derived_halves(cfg):
         return
@@ -530,16 +535,16 @@ def validate(space: SearchSpace) -> None:
     where = space.where
     try:
         if tuple(space.stages) != parse_stages(list(space.stages)):
-            raise ValueError(f"expected them once each, in pipeline order {', '.join(STAGES)}")
+            raise ValueError(f"expected them once each, in pipeline order {', '.join(graph.stage_names())}")
     except ValueError as exc:
         raise SpaceError(where, "stages", f"{list(space.stages)}: {exc}") from None
-    if space.metric not in TUNE_METRICS:
+    if space.metric not in graph.tune_metrics():
         hint = ""
         if space.metric.endswith(("_miou", HELDOUT_SUFFIX)):
             hint = " (it covers held-out images; a search optimises the *_tune half only)"
         raise SpaceError(where, "metric", f"{space.metric!r} cannot be optimised{hint}; expected one of "
-                         f"{', '.join(TUNE_METRICS)}")
-    metric_stage = TUNE_METRICS[space.metric][0]
+                         f"{', '.join(graph.tune_metrics())}")
+    metric_stage = graph.tune_metrics()[space.metric][0]
     if metric_stage not in space.stages:
         raise SpaceError(where, "metric", f"{space.metric!r} is reported by the {metric_stage!r} stage, which "
                          f"stages {list(space.stages)} do not run")

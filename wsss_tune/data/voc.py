@@ -402,16 +402,20 @@ class VOCLayout:
     # Cache key
     # ---------------------------------------------------------------------------------------------
 
-    def fingerprint(self, splits: Sequence[str]) -> str:
+    def fingerprint(self, splits: Sequence[str], *, masks: bool = True) -> str:
         """Cheap stable hash of the split ids, class names, labels and file sizes of ``splits``.
 
         Used as an artifact-cache key: it changes when an id is added or removed, a file changes size
         or appears/disappears, or the label file changes. It does not read image contents, and does not
-        depend on where the dataset root is.
+        depend on where the dataset root is. ``masks=False`` leaves the ground-truth masks (their
+        folder and files) out, for what never reads them (training on image labels); with
+        ``label_source="masks"`` the masks are the labels and always count.
         """
+        masks = masks or self.label_source == "masks"
         h = hashlib.sha256()
+        dirs = self._dir_names if masks else {k: v for k, v in self._dir_names.items() if k != "mask_dir"}
         head = {"version": FINGERPRINT_VERSION, "classes": list(self.class_names),
-                "label_source": self.label_source, "dirs": self._dir_names}
+                "label_source": self.label_source, "dirs": dirs}
         h.update(json.dumps(head, sort_keys=True).encode())
 
         def size(path: Path) -> int:
@@ -427,7 +431,7 @@ class VOCLayout:
             ids = self.split_ids(split)
             h.update(f"\nsplit {split} {len(ids)}\n".encode())
             for image_id in ids:
-                sizes = [size(self.image_path(image_id)), size(self.mask_path(image_id)),
+                sizes = [size(self.image_path(image_id)), size(self.mask_path(image_id)) if masks else 0,
                          size(self.saliency_path(image_id))]
                 if self.label_source == "annotations":
                     sizes.append(size(self.annotation_path(image_id)))

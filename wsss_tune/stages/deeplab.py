@@ -53,6 +53,7 @@ from wsss_tune.stages.common import (
     to_device,
 )
 from wsss_tune.stages.evaluate import miou_metrics, tune_heldout_ids
+from wsss_tune.stages.graph import DEEPLAB_INFER_FIELDS
 from wsss_tune.utils import atomic_write_json, autocast, resolve_device, seed_everything
 
 __all__ = [
@@ -86,7 +87,7 @@ PREDICTION_DIR = "predictions"
 #: Horizontal flip during training: the reference (deeplab-pytorch ``VOCAug``) flips with p 0.5.
 TRAIN_HFLIP = True
 #: DeepLabConfig fields used only at test time, never by training.
-INFER_FIELDS: tuple[str, ...] = ("test_scales", "test_flip", "crf", "save_predictions")
+INFER_FIELDS: tuple[str, ...] = DEEPLAB_INFER_FIELDS
 #: DeepLabConfig fields that change neither the weights nor the predictions (bookkeeping only);
 #: ``mask_source`` is replaced by the content of the mask folder actually used (:func:`mask_fingerprint`).
 NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "checkpoint_every", "mask_source")

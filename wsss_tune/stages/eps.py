@@ -59,6 +59,8 @@ from wsss_tune.stages.common import (
     to_device,
 )
 from wsss_tune.stages.evaluate import score_masks, tune_heldout_ids
+from wsss_tune.stages.graph import EPS_INFER_FIELDS
+from wsss_tune.stages.graph import SALIENCY_FIELDS as _SALIENCY_FIELDS
 from wsss_tune.utils import (
     atomic_write_bytes,
     atomic_write_json,
@@ -87,14 +89,14 @@ __all__ = [
 ]
 
 #: EPSConfig fields used only by CAM inference / pseudo-labelling, never by training.
-INFER_FIELDS: tuple[str, ...] = ("cam_scales", "cam_flip", "bg_threshold", "bg_mode")
+INFER_FIELDS: tuple[str, ...] = EPS_INFER_FIELDS
 #: EPSConfig fields that change neither the trained weights nor the pseudo masks (bookkeeping only).
 NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "checkpoint_every")
 #: DataConfig fields that decide what training sees (``num_workers`` does not: augmentation is seeded
 #: per sample; ``mask_eval_split`` only feeds the periodic evaluation).
 _DATA_TRAIN_FIELDS: tuple[str, ...] = ("root", "image_dir", "saliency_dir", "label_source", "train_split")
 #: EPSConfig fields only the saliency loss reads: they do not change a ``method: cam`` model.
-SALIENCY_FIELDS: tuple[str, ...] = ("tau", "lam")
+SALIENCY_FIELDS: tuple[str, ...] = _SALIENCY_FIELDS
 #: Horizontal flip during training: the reference always flips.
 TRAIN_HFLIP = True
 #: Final weights of a training run (an ``EPSNet`` state dict, backbone keys ``backbone.*``).
