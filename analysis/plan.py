@@ -421,7 +421,8 @@ def dataset_sizes(cfg: PipelineConfig) -> DatasetSizes:
     return DatasetSizes(train=len(train), masks=len(masks), val=len(layout.split_ids(cfg.data.val_split)))
 
 
-def _timed(fn: Callable[[], None], *, steps: int, warmup: int, device: Any) -> float:
+def _timed(fn: Callable[[], object], *, steps: int, warmup: int, device: Any) -> float:
+    """Mean seconds of ``fn()`` over ``steps`` calls after ``warmup`` untimed ones (CUDA synchronised)."""
     import torch
 
     def sync() -> None:
@@ -449,12 +450,14 @@ def time_stages(
 ) -> StageTimings:
     """Time each stage's model on ``device`` at ``cfg``'s crop and batch (random inputs, random init).
 
-    EPSNet: forward, EPS loss (``eps.method: eps``) or the classification loss, backward, step.
-    AffinityNet: forward, affinities over the radius, affinity loss against random labels, backward,
-    step. DeepLab: forward (MSC when configured), cross-entropy, backward, step. Forwards run under
-    ``no_grad`` in eval mode; the walk is :func:`~wsss_tune.ops.random_walk.random_walk` with
-    ``2**rw.logt`` steps on ``C + 1`` score planes. Only the models the pipeline ``stages`` run are
-    timed (:func:`artifact_chain`); the others get 0.
+    A training step is the stage's own step function (:func:`~wsss_tune.stages.eps.make_eps_step`,
+    :func:`~wsss_tune.stages.affinity.make_affinity_step`, :func:`~wsss_tune.stages.deeplab.make_deeplab_step`:
+    forward, loss, backward, update; DeepLab's with its ``accumulate`` micro-batches) on one random
+    batch of the configured crop and batch size, already on the device, with every learning rate set
+    to 0: an update at LR 0 costs what any other does, and the random-init weights cannot diverge over
+    the timed steps. Forwards run under ``no_grad`` in eval mode; the walk is
+    :func:`~wsss_tune.ops.random_walk.random_walk` with ``2**rw.logt`` steps on ``C + 1`` score planes.
+    Only the models the pipeline ``stages`` run are timed (:func:`artifact_chain`); the others get 0.
 
     Args:
         cfg: resolved config (backbones, crops, batches, amp).
@@ -468,12 +471,12 @@ def time_stages(
     from wsss_tune.models.affinity_net import build_affinity_net
     from wsss_tune.models.deeplab import build_deeplab
     from wsss_tune.models.eps_net import build_eps_net
-    from wsss_tune.ops.affinity import affinity_from_features, affinity_labels, affinity_loss
-    from wsss_tune.ops.eps_loss import classification_loss, eps_loss
+    from wsss_tune.ops.affinity import affinity_from_features
     from wsss_tune.ops.random_walk import random_walk
-    from wsss_tune.ops.seg_loss import msc_loss
-    from wsss_tune.stages.common import build_optimizer, prepare_model, to_device
-    from wsss_tune.stages.deeplab import build_deeplab_optimizer
+    from wsss_tune.stages.affinity import make_affinity_step
+    from wsss_tune.stages.common import TrainStep, prepare_model, to_device
+    from wsss_tune.stages.deeplab import make_deeplab_step
+    from wsss_tune.stages.eps import make_eps_step
     from wsss_tune.utils.runtime import autocast, resolve_device, seed_everything
 
     if steps < 1 or warmup < 0:
@@ -488,104 +491,65 @@ def time_stages(
         # Placed as the stage runners place their batches (NHWC on CUDA when the stage's flag is set).
         return to_device(torch.randn(batch, 3, crop, crop), device, last)
 
+    def masks(batch: int, crop: int) -> torch.Tensor:
+        return torch.randint(0, c + 1, (batch, crop, crop), device=device)
+
+    def time_step(step: TrainStep, batch: dict[str, torch.Tensor]) -> float:
+        for group in step.optimizer.param_groups:
+            group["lr"] = 0.0
+        step.model.train()
+        batches = [batch] * step.micro_batches
+        seconds = _timed(lambda: step(batches, 1), **timed)
+        step.model.eval()
+        return seconds
+
     def time_eps() -> tuple[float, float]:
-        last = e.channels_last
-        eps_net = prepare_model(build_eps_net(backbone=e.backbone, num_classes=c), device, last)
-        opt = build_optimizer(eps_net.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer, lr=e.lr,
-                              momentum=e.momentum, weight_decay=e.weight_decay)
-        x = images(e.batch_size, e.crop_size, last)
-        labels = (torch.rand(e.batch_size, c, device=device) < 0.3).float()
-        saliency = torch.rand(e.batch_size, 1, e.crop_size, e.crop_size, device=device)
-
-        def eps_step() -> None:
-            with autocast(device, e.amp):
-                logits, maps = eps_net(x)
-            if e.method == "eps":
-                loss = eps_loss(maps.float(), saliency, labels, image_logits=logits.float(), tau=e.tau, lam=e.lam).loss
-            else:
-                loss = classification_loss(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        eps_net.train()
-        eps_step_s = _timed(eps_step, **timed)
-        eps_net.eval()
-        one = images(1, e.crop_size, last)
+        eps_net = prepare_model(build_eps_net(backbone=e.backbone, num_classes=c), device, e.channels_last)
+        batch = {"image": images(e.batch_size, e.crop_size, e.channels_last),
+                 "label": (torch.rand(e.batch_size, c, device=device) < 0.3).float(),
+                 "saliency": torch.rand(e.batch_size, 1, e.crop_size, e.crop_size, device=device)}
+        eps_step_s = time_step(make_eps_step(e, eps_net, device=device), batch)
+        one = images(1, e.crop_size, e.channels_last)
 
         def eps_forward() -> None:
             with torch.no_grad(), autocast(device, e.amp):
                 eps_net.forward_maps(one)
 
-        eps_forward_s = _timed(eps_forward, **timed)
-        return eps_step_s, eps_forward_s
+        return eps_step_s, _timed(eps_forward, **timed)
 
     def time_affinity() -> tuple[float, float, float]:
         aff_net = prepare_model(build_affinity_net(backbone=a.backbone or e.backbone, widths=a.widths,
                                                    out_channels=a.out_channels), device, a.channels_last)
-        opt = build_optimizer(aff_net.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer, lr=a.lr,
-                              momentum=a.momentum, weight_decay=a.weight_decay)
-        x = images(a.batch_size, a.crop_size, a.channels_last)
-        with torch.no_grad():
-            fshape = aff_net.eval()(images(1, a.crop_size, a.channels_last)).shape[-2:]
-        pair_labels = affinity_labels(torch.randint(0, c + 1, (a.batch_size, *fshape), device=device), radius=a.radius)
-
-        def aff_step() -> None:
-            with autocast(device, a.amp):
-                feat = aff_net(x)
-            aff = affinity_from_features(feat.float(), radius=a.radius)
-            loss, _ = affinity_loss(aff, *pair_labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        aff_net.train()
-        aff_step_s = _timed(aff_step, **timed)
-        aff_net.eval()
+        batch = {"image": images(a.batch_size, a.crop_size, a.channels_last), "mask": masks(a.batch_size, a.crop_size)}
+        aff_step_s = time_step(make_affinity_step(a, aff_net, device=device), batch)
         one = images(1, a.crop_size, a.channels_last)
         last: dict[str, torch.Tensor] = {}
 
         def aff_forward() -> None:
             with torch.no_grad(), autocast(device, a.amp):
-                last["aff"] = affinity_from_features(aff_net(one).float(), radius=a.radius)[0]
+                last["feats"] = aff_net(one)
+                last["aff"] = affinity_from_features(last["feats"].float(), radius=a.radius)[0]
 
         aff_forward_s = _timed(aff_forward, **timed)
-        scores = torch.rand(c + 1, *fshape, device=device)
+        scores = torch.rand(c + 1, *last["feats"].shape[-2:], device=device)
 
         def walk() -> None:
             random_walk(last["aff"], scores, radius=a.radius, beta=r.beta, logt=r.logt, pad_border=False)
 
-        rw_s = _timed(walk, **timed)
-        return aff_step_s, aff_forward_s, rw_s
+        return aff_step_s, aff_forward_s, _timed(walk, **timed)
 
     def time_deeplab() -> tuple[float, float]:
-        last = d.channels_last
         dl = build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=c + 1, msc=d.msc, freeze_bn=d.freeze_bn)
-        dl = prepare_model(dl, device, last)
-        opt = build_deeplab_optimizer(dl, d)
-        x = images(d.batch_size, d.crop_size, last)
-        target = torch.randint(0, c + 1, (d.batch_size, d.crop_size, d.crop_size), device=device)
-
-        def dl_step() -> None:
-            with autocast(device, d.amp):
-                out = dl(x)
-            loss = msc_loss(out if isinstance(out, torch.Tensor) else [o.float() for o in out], target,
-                            balanced=d.balanced_ce)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        dl.train()
-        dl_step_s = _timed(dl_step, **timed)
-        dl.eval()
-        one = images(1, d.crop_size, last)
+        dl = prepare_model(dl, device, d.channels_last)
+        batch = {"image": images(d.batch_size, d.crop_size, d.channels_last), "mask": masks(d.batch_size, d.crop_size)}
+        dl_step_s = time_step(make_deeplab_step(d, dl, device=device), batch)
+        one = images(1, d.crop_size, d.channels_last)
 
         def dl_forward() -> None:
             with torch.no_grad(), autocast(device, d.amp):
                 dl(one)
 
-        dl_forward_s = _timed(dl_forward, **timed)
-        return dl_step_s, dl_forward_s
+        return dl_step_s, _timed(dl_forward, **timed)
 
     chain = artifact_chain(cfg, stages)
     eps_step_s, eps_forward_s = time_eps() if "eps_model" in chain else (0.0, 0.0)

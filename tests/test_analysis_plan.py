@@ -180,6 +180,40 @@ def test_time_stages_measures_the_stages_a_space_runs(synth_root: Path) -> None:
     assert t.device.startswith("cpu")
 
 
+def test_time_stages_times_the_stages_own_step_functions(synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepLab on the ground truth (nothing upstream to time) with ``accumulate`` 2, 1 warm-up + 2 timed
+    steps: ``make_deeplab_step``'s step runs 3 times, each on 2 random micro-batches of the configured
+    batch and crop, at LR 0, so the weights stay put (BatchNorm statistics aside)."""
+    import torch
+
+    import wsss_tune.stages.deeplab as deeplab
+
+    calls: list[tuple[int, tuple[int, ...], list[float]]] = []
+    made = []
+    make_step = deeplab.make_deeplab_step
+
+    def recording(d, model, *, device):  # noqa: ANN001, ANN202
+        step = make_step(d, model, device=device)
+        made.append((step, {k: v.detach().clone() for k, v in model.named_parameters()}))
+
+        def run(batches, i):  # noqa: ANN001, ANN202
+            calls.append((len(batches), tuple(batches[0]["image"].shape), [g["lr"] for g in step.optimizer.param_groups]))
+            return step(batches, i)
+
+        return deeplab.TrainStep(model=step.model, optimizer=step.optimizer, scaler=step.scaler, run=run,
+                                 micro_batches=step.micro_batches)
+
+    monkeypatch.setattr(deeplab, "make_deeplab_step", recording)
+    cfg = load_config("synth", {**TINY_MODELS, "data.root": str(synth_root), "deeplab.accumulate": 2,
+                                "deeplab.mask_source": "gt"})
+    t = time_stages(cfg, num_classes=5, stages=("deeplab",), steps=2, warmup=1)
+    assert 0 < t.deeplab_step < 60 and t.eps_step == 0
+    assert [(n, shape) for n, shape, _ in calls] == [(2, (2, 3, 32, 32))] * 3
+    assert all(lr == 0.0 for _, _, lrs in calls for lr in lrs)
+    (step, before), = made
+    assert all(torch.equal(before[k], v) for k, v in step.model.named_parameters())
+
+
 def test_cli_plan(synth_root: Path, tmp_path: Path) -> None:
     """``wsss-tune plan SPACE --data ROOT --gpus 4 --trials 8`` times the stages and prints the estimate,
     the four scenarios and the assumptions; a missing data root exits 2 naming it."""
