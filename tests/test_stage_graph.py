@@ -179,3 +179,61 @@ def test_a_spec_with_an_unknown_upstream_or_a_taken_name_is_refused() -> None:
     with pytest.raises(ValueError, match="already"):
         with graph.extended(graph.replace(TOY, name="eps")):
             pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps (Ray)
+# --------------------------------------------------------------------------------------------------
+
+
+def _space_file(path: Path, space: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sweeps_train_deeplab_once_over_test_time_settings_and_run_a_plugin_stage(
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-trial sweep over deeplab.test_flip x deeplab.crf (x save_predictions where the CRF package
+    is missing) trains DeepLab once. A 2-trial sweep whose metric is the toy stage's runs it in Ray's
+    workers, which load it through ``run.stage_plugins`` (this file, on their PYTHONPATH)."""
+    import os
+
+    import ray
+
+    from wsss_tune.trainables import run_sweep
+
+    have_crf = importlib.util.find_spec("pydensecrf") is not None
+    other = "deeplab.crf" if have_crf else "deeplab.save_predictions"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(Path(__file__).parent),
+                                                                  os.environ.get("PYTHONPATH", "")) if p))
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        space = _space_file(tmp_path / "dl.yaml", {
+            "base": "synth", "stages": ["deeplab"], "metric": "deeplab_miou_tune", "mode": "max",
+            "tune_split": "val_tune", "heldout_split": "val_heldout", "num_samples": 4,
+            "overrides": {"deeplab.mask_source": "gt"},
+            "params": {"deeplab.test_flip": {"kind": "categorical", "choices": [False, True]},
+                       other: {"kind": "categorical", "choices": [False, True]}}})
+        result = run_sweep(space, data=synth_root, storage=tmp_path / "exps", name="dl", wandb="off", progress="off",
+                           overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"))
+        assert result.counts["completed"] == 4, [t.error for t in result.trials]
+        assert sum(t.metrics["built/deeplab_model"] for t in result.trials) == 1
+        assert sum(t.metrics["built/deeplab"] for t in result.trials) == len({
+            (t.params["deeplab.test_flip"], t.params[other]) for t in result.trials})
+
+        toy_space = _space_file(tmp_path / "toy.yaml", {
+            "base": "synth", "stages": ["eps", "toy"], "metric": "toy_miou_tune", "mode": "max",
+            "tune_split": "train_tune", "heldout_split": "train_heldout", "num_samples": 2,
+            "overrides": {"run.stage_plugins": [f"{Path(__file__).stem}:register"]},
+            "params": {"eps.tau": {"kind": "uniform", "low": 0.3, "high": 0.5}}})
+        with graph.extended(TOY):  # this process; the workers import the plugin themselves
+            toy = run_sweep(toy_space, data=synth_root, storage=tmp_path / "exps", name="toy", wandb="off",
+                            progress="off", overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"))
+        assert toy.counts["completed"] == 2, [t.error for t in toy.trials]
+        assert all(t.value("toy_miou_tune") == t.value("eps_miou_tune") for t in toy.trials)
+    finally:
+        ray.shutdown()
