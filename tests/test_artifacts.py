@@ -24,8 +24,10 @@ from wsss_tune.artifacts import (
     ArtifactKey,
     ArtifactStore,
     ArtifactWaitTimeout,
+    _Owner,
 )
 from wsss_tune.config import EPSConfig, config_hash
+from wsss_tune.utils.procs import alive, find_process, start_time
 
 BACKENDS = ["local", "file_uri", "subtree"]
 #: Short timings so that takeovers happen within a test: heartbeat every 0.1 s, dead after 1 s.
@@ -396,6 +398,49 @@ def test_frozen_builder_is_taken_over_after_stale_after(backend: str, tmp_path: 
     finally:
         _stop(proc)
     assert not art.hit and waited >= 0.9 - 0.1
+
+
+def _foreign_lease(tmp_path: Path, store: ArtifactStore, key: ArtifactKey, *, pid_started: float) -> None:
+    """A fresh lease on ``key`` recorded by "this process" (this pid and host, heartbeat now), with the
+    process start time ``pid_started``."""
+    owner = dataclasses.replace(_Owner.mine("f" * 16, time.time()), pid_started=pid_started)
+    lease = tmp_path / "store" / ".locks" / key.stage / f"{key.digest}.lease"
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    lease.write_bytes(owner.to_bytes())
+
+
+def test_a_lease_of_a_reused_pid_is_taken_over_at_once(tmp_path: Path) -> None:
+    """The lease names this pid on this host with a fresh heartbeat. Recorded with this process's start
+    time, it is a live holder: the caller waits and times out. Recorded with a start time 1000 s
+    earlier, it belonged to an earlier process that had the same pid: it is taken over at once, well
+    before stale_after (1 s)."""
+    store = make("file_uri", tmp_path)
+    live, reused = store.key("eps", {"lease": "live"}), store.key("eps", {"lease": "reused"})
+    _foreign_lease(tmp_path, store, live, pid_started=start_time())
+    with pytest.raises(ArtifactWaitTimeout, match=f"pid {os.getpid()}"):
+        store.get_or_create(live, build_payload(), wait_timeout=0.2, poll=0.05)
+    _foreign_lease(tmp_path, store, reused, pid_started=start_time() - 1000)
+    t0 = time.monotonic()
+    art = store.get_or_create(reused, build_payload(), wait_timeout=0.5, poll=0.05)
+    assert not art.hit and time.monotonic() - t0 < 0.5
+
+
+def test_process_liveness_needs_the_same_pid_and_start_time() -> None:
+    """This process is alive under its own start time, not under another (a reused pid); a child that
+    ended is not alive, whether still a zombie (not yet waited for) or reaped; pids <= 0 never are."""
+    assert alive(os.getpid()) and alive(os.getpid(), start_time())
+    assert not alive(os.getpid(), start_time() - 1000)
+    assert find_process(os.getpid(), start_time()) is not None
+    assert find_process(os.getpid(), start_time() + 1000) is None
+    child = mp.get_context("fork").Process(target=os._exit, args=(0,))
+    child.start()
+    deadline = time.monotonic() + 10
+    while alive(child.pid) and time.monotonic() < deadline:  # exited, not yet reaped: a zombie
+        time.sleep(0.01)
+    assert not alive(child.pid) and find_process(child.pid) is None
+    child.join()
+    assert not alive(child.pid)
+    assert not alive(0) and not alive(-1) and find_process(0) is None
 
 
 # --------------------------------------------------------------------------------------------------

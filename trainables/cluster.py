@@ -20,8 +20,9 @@ A process counts as one of the session's when
 * it was recorded with the session (same pid and start time: a reused pid is not the same process),
 * or it descends from one of those (a worker the raylet just started).
 
-Processes are read with psutil; one function (:func:`_running`) decides whether a process still runs,
-for the recorded driver and for the processes being ended alike (a zombie has ended).
+Processes are read with psutil; :mod:`wsss_tune.utils.procs` decides whether a process still runs (pid
+and start time, so a reused pid is another process; a zombie has ended), for the recorded driver and
+for the processes being ended alike, as it does for the artifact store's build locks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 
 from wsss_tune.utils.io import atomic_write_json
+from wsss_tune.utils.procs import find_process, running, start_time
 
 __all__ = [
     "DASHBOARD_ARGS",
@@ -54,7 +55,6 @@ __all__ = [
     "session_processes",
     "end_processes",
     "clean_ray_session",
-    "ray_stop",
 ]
 
 #: ``ray start`` arguments that keep the dashboard off (Ray binds it to 127.0.0.1 by default when on;
@@ -70,8 +70,6 @@ KILL_WAIT_S = 5.0
 #: Command-line fragments that identify a live sweep driver (the CLI or a script calling the sweep API);
 #: used for records without the driver's start time (written before it was recorded).
 DRIVER_MARKS = ("wsss-tune", "wsss_tune", "run_sweep", "resume_sweep")
-#: Two start times closer than this (seconds) are the same process (psutil reads them in clock ticks).
-_START_TOLERANCE_S = 0.5
 #: How often the wait loops look again (seconds).
 _POLL_S = 0.05
 
@@ -164,27 +162,6 @@ def worker_command(*, address: str, num_cpus: int, num_gpus: int = 0, temp_dir: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _running(proc: psutil.Process) -> bool:
-    """Whether ``proc`` (the very process, not a later one with its pid) still runs; a zombie has ended."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def _process(pid: int, started: float | None = None) -> psutil.Process | None:
-    """The running process ``pid`` (started at ``started``, when given), else None."""
-    try:
-        proc = psutil.Process(int(pid))
-        if started is not None and abs(proc.create_time() - float(started)) > _START_TOLERANCE_S:
-            return None  # the pid now belongs to another process
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
-    return proc if _running(proc) else None
-
-
 def _name(proc: psutil.Process) -> str:
     """A readable name: ``ray::DashboardAgent``, ``raylet``, ``gcs_server``, ``python (log_monitor.py)``."""
     try:
@@ -235,16 +212,16 @@ def find_session_processes(session_name: str, recorded: Iterable[Mapping[str, An
     spared = {me.pid, *(p.pid for p in me.parents())}
     found: dict[int, psutil.Process] = {}
     for entry in recorded:
-        proc = _process(int(entry.get("pid", 0)), entry.get("started"))
+        proc = find_process(int(entry.get("pid", 0)), entry.get("started"))
         if proc is not None:
             found[proc.pid] = proc
     for proc in psutil.process_iter():
-        if proc.pid not in spared and proc.pid not in found and _running(proc) and _names_session(proc, session_name):
+        if proc.pid not in spared and proc.pid not in found and running(proc) and _names_session(proc, session_name):
             found[proc.pid] = proc
     for proc in list(found.values()):
         try:
             for child in proc.children(recursive=True):
-                if child.pid not in spared and _running(child):
+                if child.pid not in spared and running(child):
                     found.setdefault(child.pid, child)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -264,7 +241,7 @@ def end_processes(procs: Sequence[SessionProcess], *, grace: float = TERM_GRACE_
     handles: dict[int, psutil.Process] = {}
     how: dict[int, str] = {}
     for p in procs:
-        proc = _process(p.pid, p.started or None)
+        proc = find_process(p.pid, p.started or None)
         if proc is None:
             how[p.pid] = "gone"
             continue
@@ -278,7 +255,7 @@ def end_processes(procs: Sequence[SessionProcess], *, grace: float = TERM_GRACE_
             how[p.pid] = "denied"
     _wait(handles.values(), grace)
     for pid, proc in handles.items():
-        if _running(proc):
+        if running(proc):
             try:
                 proc.send_signal(signal.SIGKILL)
                 how[pid] = "SIGKILL"
@@ -288,7 +265,7 @@ def end_processes(procs: Sequence[SessionProcess], *, grace: float = TERM_GRACE_
                 how[pid] = "denied"
     _wait([handles[pid] for pid, h in how.items() if h == "SIGKILL"], KILL_WAIT_S)
     for pid, proc in handles.items():
-        if how[pid] == "SIGKILL" and _running(proc):
+        if how[pid] == "SIGKILL" and running(proc):
             how[pid] = "survived"
     return [SessionProcess(pid=p.pid, name=p.name, started=p.started, signal=how[p.pid]) for p in procs]
 
@@ -297,7 +274,7 @@ def _wait(procs: Iterable[psutil.Process], seconds: float) -> None:
     pending = list(procs)
     deadline = time.monotonic() + max(0.0, seconds)
     while pending:
-        pending = [p for p in pending if _running(p)]
+        pending = [p for p in pending if running(p)]
         if not pending or time.monotonic() >= deadline:
             return
         time.sleep(_POLL_S)
@@ -319,7 +296,7 @@ def record_ray_session(exp_dir: str | Path) -> dict[str, Any]:
     started_here = bool(node is not None and node.head)
     procs = find_session_processes(session_name) if started_here and session_name else []
     doc = {"session_dir": session_dir, "session_name": session_name,
-           "driver_pid": os.getpid(), "driver_started": psutil.Process().create_time(),
+           "driver_pid": os.getpid(), "driver_started": start_time(),
            "started_here": started_here, "processes": [p.to_dict() for p in procs],
            "recorded": time.time()}
     atomic_write_json(Path(exp_dir) / SESSION_FILE, doc)
@@ -351,7 +328,7 @@ def _read_record(path: Path) -> dict[str, Any]:
 def _driver_runs(doc: Mapping[str, Any]) -> bool:
     """Whether the recording driver still runs (a reused pid running something else does not count)."""
     started = doc.get("driver_started")
-    proc = _process(doc["driver_pid"], started if isinstance(started, int | float) else None)
+    proc = find_process(doc["driver_pid"], started if isinstance(started, int | float) else None)
     if proc is None:
         return False
     if started is not None:
@@ -394,8 +371,3 @@ def clean_ray_session(exp_dir: str | Path, *, dry_run: bool = False, grace: floa
         procs = end_processes(procs, grace=grace)
     return CleanReport(session_name=name, processes=tuple(procs), dry_run=dry_run)
 
-
-def ray_stop(env: Mapping[str, str] | None = None, *, extra: Sequence[str] = ()) -> None:
-    """``ray stop --force`` for the nodes started with the same temp dir / environment (tests' clusters)."""
-    subprocess.run([_ray_bin(), "stop", "--force", *extra], env=dict(env) if env is not None else None,
-                   capture_output=True, timeout=120, check=False)

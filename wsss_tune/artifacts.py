@@ -9,9 +9,10 @@ Guarantees:
 
 * **Built once.** Processes that need the same missing artifact agree through a lock: one builds,
   the others wait and then read its result. Local stores use an OS file lock (``filelock``), which
-  the kernel drops when its holder dies; remote stores use a lease file with the owner's pid, host
-  and a heartbeat. A holder whose heartbeat is older than ``stale_after`` (frozen, or its host is
-  gone), or whose pid no longer exists on this host, is taken over.
+  the kernel drops when its holder dies; remote stores use a lease file with the owner's pid, its
+  start time, host and a heartbeat. A holder whose heartbeat is older than ``stale_after`` (frozen,
+  or its host is gone), or whose process no longer runs on this host (same pid and start time:
+  :func:`wsss_tune.utils.procs.alive`), is taken over.
 * **Published atomically.** A build writes into a private temporary folder. Locally the folder is
   renamed into place; remotely its files are uploaded and ``MANIFEST.json`` is written last.
   Readers trust only a folder with a manifest, so a crash mid-build leaves nothing trusted.
@@ -62,6 +63,7 @@ import pyarrow.fs as pafs
 
 from wsss_tune.config import config_hash, to_dict
 from wsss_tune.utils.io import atomic_dir, atomic_write_bytes, file_sha256
+from wsss_tune.utils.procs import alive, start_time
 
 __all__ = [
     "MANIFEST_NAME",
@@ -322,36 +324,43 @@ def _host_id() -> str:
     return "|".join(parts)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this host (a zombie counts as dead)."""
-    if pid <= 0:
-        return False
+def _read_remote(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """The bytes of the file ``path`` on ``fs``, or None if there is none."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        # /proc/<pid>/stat: "pid (comm) state ..."; comm may contain spaces, so split after ')'.
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    return True
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write_remote(fs: pafs.FileSystem, path: str, blob: bytes, *, tmp: str) -> None:
+    """Write ``blob`` to ``tmp`` on ``fs``, then move it to ``path``: readers never see half a file."""
+    with fs.open_output_stream(tmp) as f:
+        f.write(blob)
+    fs.move(tmp, path)
 
 
 @dataclass(frozen=True)
 class _Owner:
-    """Who holds a lock or lease, and when it last said it was alive."""
+    """Who holds a lock or lease, and when it last said it was alive.
+
+    ``started`` is when it took the lock; ``pid_started`` its process's start time, so that a later
+    process that got the same pid is not taken for the holder (None in records written without it).
+    """
 
     token: str
     pid: int
     host: str
     started: float
     heartbeat: float
+    pid_started: float | None = None
 
     @classmethod
     def mine(cls, token: str, started: float) -> _Owner:
-        return cls(token=token, pid=os.getpid(), host=_host_id(), started=started, heartbeat=time.time())
+        return cls(token=token, pid=os.getpid(), host=_host_id(), started=started, heartbeat=time.time(),
+                   pid_started=start_time())
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode("utf-8")
@@ -360,14 +369,20 @@ class _Owner:
     def from_bytes(cls, blob: bytes) -> _Owner | None:
         try:
             d = json.loads(blob)
+            pid_started = d.get("pid_started")
             return cls(token=str(d["token"]), pid=int(d["pid"]), host=str(d["host"]),
-                       started=float(d["started"]), heartbeat=float(d["heartbeat"]))
+                       started=float(d["started"]), heartbeat=float(d["heartbeat"]),
+                       pid_started=None if pid_started is None else float(pid_started))
         except (ValueError, KeyError, TypeError):
             return None
 
     def dead(self) -> bool:
-        """Known dead: it ran on this host and its pid is gone."""
-        return self.host == _host_id() and not _pid_alive(self.pid)
+        """Known dead: it ran on this host and its process no longer runs."""
+        return self.host == _host_id() and not alive(self.pid, self.pid_started)
+
+    def stale(self, now: float, stale_after: float) -> bool:
+        """Known dead, or silent for longer than ``stale_after`` seconds: its lock may be taken over."""
+        return self.dead() or now - self.heartbeat > stale_after
 
     def describe(self, now: float) -> str:
         host = self.host.split("|", 1)[0]
@@ -464,31 +479,17 @@ class _Lease:
         self._started = 0.0
 
     def _write(self) -> None:
-        tmp = f"{self.path}.{self._token}.tmp"
         self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(_Owner.mine(self._token, self._started).to_bytes())
-        self.fs.move(tmp, self.path)
+        _write_remote(self.fs, self.path, _Owner.mine(self._token, self._started).to_bytes(),
+                      tmp=f"{self.path}.{self._token}.tmp")
 
     def holder(self) -> _Owner | None:
-        info = self.fs.get_file_info(self.path)
-        if info.type != pafs.FileType.File:
-            return None
-        try:
-            with self.fs.open_input_stream(self.path) as f:
-                blob = f.read()
-        except FileNotFoundError:
-            return None
-        owner = _Owner.from_bytes(blob)
-        if owner is None:  # unreadable record: judge it by the file's age alone
-            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-            owner = _Owner(token="?", pid=-1, host="?", started=mtime, heartbeat=mtime)
-        return owner
+        return _lease_holder(self.fs, self.path)
 
     def try_acquire(self) -> bool:
         current, now = self.holder(), time.time()
         if current is not None and current.token != self._token:
-            if not (current.dead() or now - current.heartbeat > self.stale_after):
+            if not current.stale(now, self.stale_after):
                 return False
             log.warning("taking over the lease %s from %s", self.path, current.describe(now))
         self.previous = current
@@ -514,6 +515,19 @@ class _Lease:
 
     def break_if_stale(self) -> _Owner | None:
         return None  # try_acquire takes over stale leases itself
+
+
+def _lease_holder(fs: pafs.FileSystem, path: str) -> _Owner | None:
+    """The owner recorded in the lease file ``path``; an unreadable record is judged by the file's age."""
+    blob = _read_remote(fs, path)
+    if blob is None:
+        return None
+    owner = _Owner.from_bytes(blob)
+    if owner is None:
+        info = fs.get_file_info(path)
+        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        owner = _Owner(token="?", pid=-1, host="?", started=mtime, heartbeat=mtime)
+    return owner
 
 
 class _Heartbeat:
@@ -741,20 +755,10 @@ class ArtifactStore:
             raise _Corrupt("; ".join(problems))
         return folder, manifest
 
-    def _read_remote(self, path: str) -> bytes | None:
-        assert self._fs is not None
-        if self._fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        try:
-            with self._fs.open_input_stream(path) as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
     def _lookup_remote(self, key: ArtifactKey) -> tuple[Path, dict[str, Any]] | None:
         assert self._fs is not None
         rdir = self._rdir(key)
-        blob = self._read_remote(posixpath.join(rdir, MANIFEST_NAME))
+        blob = _read_remote(self._fs, posixpath.join(rdir, MANIFEST_NAME))
         if blob is None:
             return None
         manifest = _parse_manifest(blob, key)
@@ -827,7 +831,7 @@ class ArtifactStore:
                     if found is not None:
                         return self._hit(key, *found)
                     prev = lock.previous
-                    if prev is not None and (prev.dead() or time.time() - prev.heartbeat > self.stale_after):
+                    if prev is not None and prev.stale(time.time(), self.stale_after):
                         log.warning("artifact %s: the previous builder (%s) died before publishing; rebuilding",
                                     key, prev.describe(time.time()))
                     if problem is not None:
@@ -931,10 +935,8 @@ class ArtifactStore:
             with (folder / rel).open("rb") as fin, fs.open_output_stream(dst) as fout:
                 while block := fin.read(_CHUNK):
                     fout.write(block)
-        tmp = posixpath.join(rdir, f".{MANIFEST_NAME}.{secrets.token_hex(6)}.tmp")
-        with fs.open_output_stream(tmp) as f:
-            f.write(blob)
-        fs.move(tmp, posixpath.join(rdir, MANIFEST_NAME))
+        _write_remote(fs, posixpath.join(rdir, MANIFEST_NAME), blob,
+                      tmp=posixpath.join(rdir, f".{MANIFEST_NAME}.{secrets.token_hex(6)}.tmp"))
 
     @staticmethod
     def _remove_leftovers(final: Path) -> list[Path]:
@@ -974,7 +976,7 @@ class ArtifactStore:
                 return (self._local_dir(key) / MANIFEST_NAME).read_bytes()
             except FileNotFoundError:
                 return None
-        return self._read_remote(posixpath.join(self._rdir(key), MANIFEST_NAME))
+        return _read_remote(self._fs, posixpath.join(self._rdir(key), MANIFEST_NAME))
 
     def list(self, stage: str | None = None) -> builtins.list[ArtifactInfo]:
         """Published artifacts (optionally of one stage), from their manifests; files are not verified."""
@@ -1087,7 +1089,7 @@ class ArtifactStore:
         """Yield whether no process is building ``key``; for a local store, hold its lock meanwhile."""
         if self._fs is not None:
             owner = self._lock(key).holder()
-            yield owner is None or owner.dead() or time.time() - owner.heartbeat > self.stale_after
+            yield owner is None or owner.stale(time.time(), self.stale_after)
             return
         lock = self._lock(key)
         assert isinstance(lock, _LocalLock)
@@ -1166,8 +1168,8 @@ class ArtifactStore:
             if info.type != pafs.FileType.File:
                 continue
             if info.base_name.endswith(".lease"):
-                owner = _Lease(fs=self._fs, path=info.path, stale_after=self.stale_after, settle=0.0).holder()
-                stale = owner is not None and (owner.dead() or now - owner.heartbeat > self.stale_after)
+                owner = _lease_holder(self._fs, info.path)
+                stale = owner is not None and owner.stale(now, self.stale_after)
             else:  # a claim interrupted between its write and its move
                 mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
                 stale = info.base_name.endswith(".tmp") and now - mtime > self.stale_after
