@@ -122,10 +122,6 @@ class CleanReport:
         """Processes still running afterwards (not permitted, or not ended by SIGKILL in time)."""
         return tuple(p for p in self.processes if p.signal in ("survived", "denied"))
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
-
 
 def _ray_bin() -> str:
     from shutil import which
