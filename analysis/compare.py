@@ -77,7 +77,7 @@ def headline(a: ExperimentResult, b: ExperimentResult) -> pd.DataFrame:
     rows = []
     for label, e in (("a", a), ("b", b)):
         best = e.best
-        rows.append({"": label, "experiment": e.name, "space": e.info.get("space_name"), "metric": e.metric,
+        rows.append({"": label, "experiment": e.name, "space": e.record.space_name, "metric": e.metric,
                      "trials": e.counts.get("total", 0), "completed": e.counts.get("completed", 0),
                      "best trial": best.trial_id if best else None,
                      "best tune": best.value(e.metric) if best else None,
@@ -112,7 +112,7 @@ def compare_experiments(a: ExperimentResult | str | Path, b: ExperimentResult | 
     """Line up experiments ``a`` and ``b`` (results or folders)."""
     a = a if isinstance(a, ExperimentResult) else load_experiment(a)
     b = b if isinstance(b, ExperimentResult) else load_experiment(b)
-    searched = {*(a.info.get("space") or {}).get("params", {}), *(b.info.get("space") or {}).get("params", {})}
+    searched = {*a.record.searched_params, *b.record.searched_params}
     diff = config_diff(_best_fields(a), _best_fields(b), searched=searched)
     missing = [e.name for e in (a, b) if e.best is None]
     note = (f"no completed trial in {', '.join(missing)}: its config is shown as missing" if missing

@@ -32,10 +32,13 @@ def best_config(result: ExperimentResult) -> PipelineConfig:
     if best is None:
         raise ValueError(f"{result.path}: no completed trial with a finite {result.metric}; nothing to export "
                          f"({result.describe_incomplete()})")
-    cfg = from_dict(result.info["base_config"], source=f"{result.path} base_config")
+    record = result.record
+    if not record.base_config:
+        raise ValueError(f"{result.path}: the experiment record holds no base config; nothing to export")
+    cfg = from_dict(record.base_config, source=f"{result.path} base_config")
     overrides = dict(best.params)
-    if result.info.get("store"):
-        overrides["run.artifact_store"] = result.info["store"]
+    if record.store:
+        overrides["run.artifact_store"] = record.store
     return apply_overrides(cfg, {**overrides, "name": f"{result.name}-best"})
 
 
@@ -62,7 +65,7 @@ def export_best(exp_dir: str | Path, out: str | Path | None = None, allow_incomp
     best = result.best
     assert best is not None
     out_path = Path(out).expanduser().resolve() if out is not None else result.path / BEST_CONFIG_FILE
-    stages = ",".join(result.info.get("stages") or [])
+    stages = ",".join(result.record.stages)
     tune, held = best.value(result.metric), best.value(result.heldout_metric)
     header = [
         f"# Best configuration of experiment {result.name!r} (trial {best.trial_id}),",

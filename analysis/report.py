@@ -119,12 +119,16 @@ def _fmt(value: Any, floatfmt: str = "") -> str:
     return str(value)
 
 
+def _or_unknown(value: str | None) -> str:
+    return "?" if value is None else value
+
+
 def _summary(exp: ExperimentResult) -> tuple[str, ...]:
-    c = exp.counts
+    c, r = exp.counts, exp.record
     lines = [
-        f"Experiment **{exp.name}** (space `{exp.info.get('space_name', '?')}`), metric `{exp.metric}` ({exp.mode}), "
-        f"selected on the tune split `{exp.info.get('tune_split', '?')}`, reported on the held-out split "
-        f"`{exp.info.get('heldout_split', '?')}`.",
+        f"Experiment **{exp.name}** (space `{_or_unknown(r.space_name)}`), metric `{exp.metric}` ({exp.mode}), "
+        f"selected on the tune split `{_or_unknown(r.tune_split)}`, reported on the held-out split "
+        f"`{_or_unknown(r.heldout_split)}`.",
         f"Trials: {c.get('total', 0)} of {exp.requested} requested: {c.get('completed', 0)} completed, "
         f"{c.get('pruned', 0)} stopped early, {c.get('failed', 0)} failed, {c.get('incomplete', 0)} incomplete.",
     ]

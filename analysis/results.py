@@ -12,11 +12,21 @@ An experiment folder holds, next to Ray Tune's own files:
 ``runs/<trial>/``   each trial's resolved ``config.yaml`` and ``metrics.json``
 ==================  ===========================================================================
 
+**The experiment record.** ``sweep.json`` and ``experiment.json`` hold one typed record,
+:class:`ExperimentRecord` (what was asked for; in ``experiment.json`` also its
+:class:`OutcomeRecord`: counts, the best and the reference trial, warnings). The sweep writes it
+(:func:`write_sweep`), the results writer adds the outcome (:func:`write_experiment`), and every reader
+(``load_sweep``, ``load_experiment``, resume, export, compare, report) gets it back through
+:meth:`ExperimentRecord.from_json`. The files carry a ``version`` (:data:`RECORD_VERSION`); a newer or
+unknown one is refused with the file's name, and files without one (written before the record was
+versioned) read as version 1.
+
 **Self-contained folders.** Every path these files hold that points inside the experiment folder (the
 study, the run folders, the W&B folder) is written relative to the folder and resolved against the
-folder it is read from (:func:`load_sweep`, :func:`load_experiment`), so a copied or moved experiment
-reads, resumes and reports on its own and never reaches back into the original. Folders written with
-absolute paths are rebased onto the folder they are read from.
+folder it is read from (:meth:`ExperimentRecord.to_json` / :meth:`ExperimentRecord.from_json`, the one
+place that does it), so a copied or moved experiment reads, resumes and reports on its own and never
+reaches back into the original. Folders written with absolute paths are rebased onto the folder they
+are read from.
 
 Statuses: ``completed`` (the pipeline finished; its metrics are at full fidelity), ``pruned``
 (stopped early by the scheduler), ``failed`` (raised; ``error`` says what), ``incomplete`` (never
@@ -56,10 +66,19 @@ __all__ = [
     "RUNS_DIR",
     "STATUSES",
     "PARAM_PREFIX",
+    "RECORD_VERSION",
     "ResultsError",
+    "StudyRecord",
+    "WandbRecord",
+    "ResourcesRecord",
+    "TrialSummary",
+    "OutcomeRecord",
+    "ExperimentRecord",
     "TrialRecord",
     "ExperimentResult",
     "load_sweep",
+    "write_sweep",
+    "record_version",
     "portable_sweep",
     "heldout_metric_name",
     "space_to_dict",
@@ -122,9 +141,11 @@ def _read_json(path: Path, what: str, hint: str = "") -> dict[str, Any]:
 # Paths inside an experiment folder: relative on disk, absolute once read
 # --------------------------------------------------------------------------------------------------
 
-#: Paths of ``sweep.json`` that point inside the experiment folder, as (section, key): the study, the
-#: run folders, the W&B folder (``store`` too, when it lies inside).
-_INSIDE = (("study", "storage"), ("settings", "runs_dir"), ("wandb", "dir"))
+#: Paths of ``sweep.json`` / ``experiment.json`` that point inside the experiment folder, as (section,
+#: key): the study, the run folders, the W&B folder, the best and the reference trial's run folder
+#: (``store`` too, when it lies inside).
+_INSIDE = (("study", "storage"), ("settings", "runs_dir"), ("wandb", "dir"), ("best", "run_dir"),
+           ("reference", "run_dir"))
 _SQLITE = "sqlite:///"
 
 
@@ -188,23 +209,35 @@ def portable_sweep(doc: Mapping[str, Any], exp_dir: str | Path) -> dict[str, Any
     return out
 
 
-def load_sweep(exp_dir: str | Path) -> dict[str, Any]:
-    """``<exp_dir>/sweep.json`` with its paths resolved in ``exp_dir`` (see :func:`resolve_paths`).
+def load_sweep(exp_dir: str | Path) -> ExperimentRecord:
+    """The record of ``<exp_dir>/sweep.json``, its paths resolved in ``exp_dir`` (see :func:`resolve_paths`).
 
     Raises:
-        FileNotFoundError: no ``sweep.json``. ResultsError: it is unreadable or lacks a needed key.
+        FileNotFoundError: no ``sweep.json``. ResultsError: it is unreadable, of an unknown version, or
+        lacks a needed key.
     """
     exp_dir = Path(exp_dir).expanduser().resolve()
     path = exp_dir / SWEEP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{exp_dir}: no {SWEEP_FILE}; not an experiment folder made by `wsss-tune sweep`")
     doc = _read_json(path, "the sweep record")
+    record_version(doc, path)
     missing = [k for k in ("name", "metric", "mode", "requested", "study", "settings", "trainable", "resources")
                if k not in doc]
     if missing:
         raise ResultsError(f"{path}: the sweep record lacks {', '.join(missing)}; it was not written by "
                            "`wsss-tune sweep` or was edited")
-    return resolve_paths(doc, exp_dir)
+    return ExperimentRecord.from_json(doc, exp_dir, file=path, what="the sweep record",
+                                      hint="it was not written by `wsss-tune sweep` or was edited")
+
+
+def write_sweep(exp_dir: str | Path, record: ExperimentRecord) -> Path:
+    """Write ``record`` (without an outcome) as ``<exp_dir>/sweep.json``, its in-folder paths relative
+    to the folder; returns the file."""
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    path = exp_dir / SWEEP_FILE
+    atomic_write_json(path, dataclasses.replace(record, outcome=None).to_json(exp_dir))
+    return path
 
 
 def run_dir_in(exp_dir: Path, run_dir: str, trial_id: str) -> str:
@@ -263,6 +296,352 @@ def space_to_dict(space: SearchSpace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The experiment record (sweep.json, experiment.json)
+# --------------------------------------------------------------------------------------------------
+
+#: Version of the experiment record this code writes (the ``version`` field of ``sweep.json`` and
+#: ``experiment.json``) and the newest it reads. Raise it when a field changes meaning or goes away,
+#: and teach :meth:`ExperimentRecord.from_json` to read the older versions.
+RECORD_VERSION = 1
+#: The version of a record without a ``version`` field. The files written before the record was
+#: versioned hold exactly the fields of version 1, so they are read as version 1.
+_UNVERSIONED = 1
+
+#: The JSON types a record field may hold, by the name the error messages use.
+_KINDS: dict[str, tuple[type, ...]] = {
+    "text": (str,), "an integer": (int,), "a number": (int, float), "true or false": (bool,),
+    "an object": (Mapping,), "a list": (list, tuple),
+}
+_ABSENT = object()
+
+
+def record_version(doc: Mapping[str, Any], file: str | Path) -> int:
+    """The record version of ``doc`` (read from ``file``): its ``version`` field, 1 when it has none.
+
+    Raises:
+        ResultsError: an unknown version, or one newer than :data:`RECORD_VERSION` (naming the file).
+    """
+    if "version" not in doc:
+        return _UNVERSIONED  # written before the record was versioned: the version-1 fields
+    version = doc["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ResultsError(f"{file}: unknown experiment record version {version!r} (this wsss-tune reads "
+                           f"versions 1 to {RECORD_VERSION})")
+    if version > RECORD_VERSION:
+        raise ResultsError(f"{file}: experiment record version {version} is newer than this wsss-tune reads "
+                           f"(versions 1 to {RECORD_VERSION}); it was written by a newer wsss-tune, read it "
+                           "with that one")
+    return version
+
+
+def _get(doc: Mapping[str, Any], key: str, kind: str, *, where: str = "", default: Any = _ABSENT) -> Any:
+    """``doc[key]`` checked to be of ``kind`` (a :data:`_KINDS` name); ``default`` when it is absent or
+    null (without a default it is required). Raises ValueError naming the field."""
+    value = doc.get(key)
+    if value is None:
+        if default is _ABSENT:
+            raise ValueError(f"field {where + key!r} is missing")
+        return default
+    types = _KINDS[kind]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise ValueError(f"field {where + key!r} is {value!r}, expected {kind}")
+    return value
+
+
+def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    return _get(doc, key, "an object", default=None)
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy made of JSON types (tuples become lists, mappings dicts)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyRecord:
+    """The experiment's Optuna study: its name and SQLite URL (absolute once read)."""
+
+    name: str
+    storage: str
+
+    @property
+    def file(self) -> Path | None:
+        """The SQLite file of :attr:`storage`, or None for another kind of storage."""
+        return Path(self.storage[len(_SQLITE):]) if self.storage.startswith(_SQLITE) else None
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> StudyRecord:
+        return cls(name=_get(doc, "name", "text", where="study."),
+                   storage=_get(doc, "storage", "text", where="study."))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbRecord:
+    """W&B logging of the trials: ``mode`` (``offline``, ``online``, ``off``), project, runs folder."""
+
+    mode: str = "off"
+    project: str | None = None
+    dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> WandbRecord:
+        return cls(mode=_get(doc, "mode", "text", where="wandb.", default="off"),
+                   project=_get(doc, "project", "text", where="wandb.", default=None),
+                   dir=_get(doc, "dir", "text", where="wandb.", default=None))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesRecord:
+    """Resources of one trial (fractions allowed)."""
+
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ResourcesRecord:
+        return cls(cpus_per_trial=_get(doc, "cpus_per_trial", "a number", where="resources.", default=1),
+                   gpus_per_trial=_get(doc, "gpus_per_trial", "a number", where="resources.", default=0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSummary:
+    """The best or the reference trial as ``experiment.json`` names it (its values keyed by the
+    metric names on disk)."""
+
+    trial_id: str
+    status: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    value: float | None = None
+    heldout: float | None = None
+    run_dir: str = ""
+
+    @classmethod
+    def of(cls, t: TrialRecord, metric: str, heldout: str) -> TrialSummary:
+        return cls(trial_id=t.trial_id, status=t.status, params=dict(t.params), value=t.value(metric),
+                   heldout=t.value(heldout), run_dir=t.run_dir)
+
+    def to_dict(self, metric: str, heldout: str) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "status": self.status, "params": dict(self.params), metric: self.value,
+                heldout: self.heldout, "run_dir": self.run_dir}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], metric: str, heldout: str, where: str) -> TrialSummary:
+        w = f"{where}."
+        return cls(trial_id=_get(doc, "trial_id", "text", where=w), status=_get(doc, "status", "text", where=w),
+                   params=dict(_get(doc, "params", "an object", where=w, default={})),
+                   value=_get(doc, metric, "a number", where=w, default=None),
+                   heldout=_get(doc, heldout, "a number", where=w, default=None),
+                   run_dir=_get(doc, "run_dir", "text", where=w, default=""))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutcomeRecord:
+    """What came of a sweep (the part of ``experiment.json`` that ``sweep.json`` lacks)."""
+
+    counts: Mapping[str, int]
+    complete: bool = False
+    best: TrialSummary | None = None
+    reference: TrialSummary | None = None
+    gain_over_reference: float | None = None
+    files: Mapping[str, str] = field(default_factory=dict)
+    #: Problems met while gathering the results (damaged sources that were skipped).
+    warnings: tuple[str, ...] = ()
+    updated: str | None = None
+
+    def to_dict(self, metric: str, heldout: str) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "complete": self.complete,
+            "best": self.best.to_dict(metric, heldout) if self.best is not None else None,
+            "reference": self.reference.to_dict(metric, heldout) if self.reference is not None else None,
+            "gain_over_reference": self.gain_over_reference,
+            "files": dict(self.files),
+            "warnings": list(self.warnings),
+            "updated": self.updated,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], metric: str, heldout: str) -> OutcomeRecord:
+        counts = _get(doc, "counts", "an object")
+        for k in counts:
+            _get(counts, k, "an integer", where="counts.")
+        best, ref = _section(doc, "best"), _section(doc, "reference")
+        return cls(
+            counts=dict(counts),
+            complete=_get(doc, "complete", "true or false", default=False),
+            best=TrialSummary.from_dict(best, metric, heldout, "best") if best is not None else None,
+            reference=TrialSummary.from_dict(ref, metric, heldout, "reference") if ref is not None else None,
+            gain_over_reference=_get(doc, "gain_over_reference", "a number", default=None),
+            files=dict(_get(doc, "files", "an object", default={})),
+            warnings=tuple(_get({"warnings": w}, "warnings", "text") for w in _get(doc, "warnings", "a list", default=())),
+            updated=_get(doc, "updated", "text", default=None),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentRecord:
+    """An experiment as ``sweep.json`` records it (what was asked for), and as ``experiment.json``
+    records it (the same, plus :attr:`outcome`).
+
+    In memory every in-folder path is absolute; on disk it is relative to the experiment folder
+    (:meth:`to_json`, :meth:`from_json`). Fields a sweep always writes but a hand-made record may
+    lack (the study, the settings, ...) default to None or empty.
+    """
+
+    name: str
+    metric: str
+    mode: str
+    requested: int
+    #: The held-out twin of :attr:`metric` (filled in from it when a record lacks it).
+    heldout_metric: str = ""
+    space_name: str | None = None
+    #: The YAML file the space came from (absolute), or None for a built-in one.
+    space_source: str | None = None
+    #: The search space in its YAML form (:func:`space_to_dict`; ``space_from_dict`` reads it back).
+    space: Mapping[str, Any] = field(default_factory=dict)
+    #: The base pipeline config, the space's overrides applied (``to_dict`` form).
+    base_config: Mapping[str, Any] = field(default_factory=dict)
+    tune_split: str | None = None
+    heldout_split: str | None = None
+    stages: tuple[str, ...] = ()
+    #: Name of the Ray trainable (``trainables.trainable.TRAINABLES``).
+    trainable: str | None = None
+    #: The space's reference point (evaluated first).
+    reference_point: Mapping[str, Any] = field(default_factory=dict)
+    #: Artifact store URI shared by the trials; None without a shared cache.
+    store: str | None = None
+    #: The folder holding the experiment folder.
+    storage: str | None = None
+    study: StudyRecord | None = None
+    wandb: WandbRecord = field(default_factory=WandbRecord)
+    resources: ResourcesRecord = field(default_factory=ResourcesRecord)
+    seed: int = 0
+    max_failures: int = 0
+    max_concurrent: int | None = None
+    #: The trials' ``TrialSettings`` in their dict form (``TrialSettings.from_dict`` reads it).
+    settings: Mapping[str, Any] | None = None
+    created: str | None = None
+    #: What came of the sweep (``experiment.json``); None in ``sweep.json``.
+    outcome: OutcomeRecord | None = None
+
+    def __post_init__(self) -> None:
+        if not self.heldout_metric:
+            object.__setattr__(self, "heldout_metric", heldout_metric_name(self.metric))
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+    # ---- typed views of the nested parts ----
+
+    @property
+    def searched_params(self) -> tuple[str, ...]:
+        """The config paths the space searches, in its order."""
+        return tuple(self.space.get("params") or {})
+
+    @property
+    def fidelity(self) -> Mapping[str, Any] | None:
+        """The space's fidelity (ASHA's ``time_attr``, ``max_t``, ...), or None without early stopping."""
+        return self.space.get("fidelity") or None
+
+    @property
+    def runs_dir(self) -> str | None:
+        """The folder of the trials' run folders."""
+        value = (self.settings or {}).get("runs_dir")
+        return value if isinstance(value, str) else None
+
+    # ---- dict and JSON forms ----
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict of the files (no ``version``), paths as they are in memory (absolute)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "space_name": self.space_name,
+            "space_source": self.space_source,
+            "space": self.space,
+            "base_config": self.base_config,
+            "metric": self.metric,
+            "mode": self.mode,
+            "heldout_metric": self.heldout_metric,
+            "tune_split": self.tune_split,
+            "heldout_split": self.heldout_split,
+            "stages": list(self.stages),
+            "trainable": self.trainable,
+            "requested": self.requested,
+            "reference_point": self.reference_point,
+            "store": self.store,
+            "storage": self.storage,
+            "study": dataclasses.asdict(self.study) if self.study is not None else None,
+            "wandb": dataclasses.asdict(self.wandb),
+            "resources": dataclasses.asdict(self.resources),
+            "seed": self.seed,
+            "max_failures": self.max_failures,
+            "max_concurrent": self.max_concurrent,
+            "settings": self.settings,
+            "created": self.created,
+        }
+        if self.outcome is not None:
+            out.update(self.outcome.to_dict(self.metric, self.heldout_metric))
+        return _plain(out)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ExperimentRecord:
+        """A record from its flat dict form (paths as they are; unknown keys ignored).
+
+        Raises:
+            ValueError: a field is missing (``name``, ``metric``, ``mode``, ``requested``) or of the
+            wrong type (the message names it).
+        """
+        metric = _get(doc, "metric", "text")
+        heldout = _get(doc, "heldout_metric", "text", default="") or heldout_metric_name(metric)
+        study, wandb, resources = _section(doc, "study"), _section(doc, "wandb"), _section(doc, "resources")
+        settings = _section(doc, "settings")
+        return cls(
+            name=_get(doc, "name", "text"),
+            metric=metric,
+            mode=_get(doc, "mode", "text"),
+            requested=_get(doc, "requested", "an integer"),
+            heldout_metric=heldout,
+            space_name=_get(doc, "space_name", "text", default=None),
+            space_source=_get(doc, "space_source", "text", default=None),
+            space=_plain(_get(doc, "space", "an object", default={})),
+            base_config=_plain(_get(doc, "base_config", "an object", default={})),
+            tune_split=_get(doc, "tune_split", "text", default=None),
+            heldout_split=_get(doc, "heldout_split", "text", default=None),
+            stages=tuple(_get({"stages": s}, "stages", "text") for s in _get(doc, "stages", "a list", default=())),
+            trainable=_get(doc, "trainable", "text", default=None),
+            reference_point=_plain(_get(doc, "reference_point", "an object", default={})),
+            store=_get(doc, "store", "text", default=None),
+            storage=_get(doc, "storage", "text", default=None),
+            study=StudyRecord.from_dict(study) if study is not None else None,
+            wandb=WandbRecord.from_dict(wandb) if wandb is not None else WandbRecord(),
+            resources=ResourcesRecord.from_dict(resources) if resources is not None else ResourcesRecord(),
+            seed=_get(doc, "seed", "an integer", default=0),
+            max_failures=_get(doc, "max_failures", "an integer", default=0),
+            max_concurrent=_get(doc, "max_concurrent", "an integer", default=None),
+            settings=_plain(settings) if settings is not None else None,
+            created=_get(doc, "created", "text", default=None),
+            outcome=OutcomeRecord.from_dict(doc, metric, heldout) if "counts" in doc else None,
+        )
+
+    def to_json(self, exp_dir: str | Path) -> dict[str, Any]:
+        """The record as written into ``exp_dir``: ``version`` first, in-folder paths relative to it."""
+        return {"version": RECORD_VERSION, **portable_sweep(self.to_dict(), exp_dir)}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], exp_dir: str | Path, *, file: str | Path,
+                  what: str = "the experiment record", hint: str = "") -> ExperimentRecord:
+        """The record of ``file`` (its JSON ``doc``), read in ``exp_dir``: in-folder paths resolved there.
+
+        Raises:
+            ResultsError: an unknown or newer version, or a missing or mistyped field (naming ``file``;
+            ``hint`` says what to do).
+        """
+        record_version(doc, file)  # version 1 is the only one so far: nothing to convert
+        try:
+            return cls.from_dict(resolve_paths(doc, exp_dir))
+        except (ValueError, TypeError) as exc:
+            raise ResultsError(f"{file}: {what} is invalid ({_why(exc)})" + (f"; {hint}" if hint else "")) from None
+
+
+# --------------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------------
 
@@ -297,8 +676,7 @@ class TrialRecord:
 
     def summary(self, metric: str, heldout: str) -> dict[str, Any]:
         """JSON form for ``experiment.json``: id, params, the tune and held-out values, run folder."""
-        return {"trial_id": self.trial_id, "status": self.status, "params": dict(self.params),
-                metric: self.value(metric), heldout: self.value(heldout), "run_dir": self.run_dir}
+        return TrialSummary.of(self, metric, heldout).to_dict(metric, heldout)
 
 
 def pick_best(trials: Iterable[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
@@ -321,6 +699,20 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _complete(counts: Mapping[str, int], requested: int) -> bool:
+    return (counts.get("failed", 0) == 0 and counts.get("incomplete", 0) == 0
+            and counts.get("total", 0) >= requested)
+
+
+def _gain(best: TrialRecord | None, reference: TrialRecord | None, metric: str, mode: str) -> float | None:
+    if best is None or reference is None:
+        return None
+    b, r = best.value(metric), reference.value(metric)
+    if b is None or r is None:
+        return None
+    return b - r if mode == "max" else r - b
+
+
 def find_reference(trials: Sequence[TrialRecord], point: Mapping[str, Any]) -> TrialRecord | None:
     """The first trial whose searched values equal the reference ``point`` (None if none does)."""
     for t in trials:
@@ -331,35 +723,69 @@ def find_reference(trials: Sequence[TrialRecord], point: Mapping[str, Any]) -> T
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentResult:
-    """An experiment folder, read back (see the module docstring)."""
+    """An experiment folder, read back (see the module docstring): its record (with the outcome) and
+    its trials."""
 
     path: Path
-    name: str
-    metric: str
-    mode: str
-    heldout_metric: str
+    record: ExperimentRecord
     trials: tuple[TrialRecord, ...]
     best: TrialRecord | None
     reference: TrialRecord | None
-    counts: Mapping[str, int]
-    requested: int
-    info: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.record.outcome is None:
+            raise ValueError(f"{self.path}: an experiment result needs a record with its outcome")
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def metric(self) -> str:
+        return self.record.metric
+
+    @property
+    def mode(self) -> str:
+        return self.record.mode
+
+    @property
+    def heldout_metric(self) -> str:
+        return self.record.heldout_metric
+
+    @property
+    def requested(self) -> int:
+        return self.record.requested
+
+    @property
+    def outcome(self) -> OutcomeRecord:
+        assert self.record.outcome is not None  # checked when made
+        return self.record.outcome
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """Trials by status, and ``total`` (as ``experiment.json`` records them)."""
+        return self.outcome.counts
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Problems met while gathering the results (damaged sources that were skipped)."""
+        return self.outcome.warnings
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The record as the flat dict of ``experiment.json`` (paths absolute), without ``counts``,
+        ``best`` and ``reference``: the older, untyped view (read :attr:`record` instead)."""
+        return {k: v for k, v in self.record.to_dict().items() if k not in ("counts", "best", "reference")}
 
     @property
     def complete(self) -> bool:
         """Every requested trial ran to an end (completed or pruned); none failed or is missing."""
-        return (self.counts.get("failed", 0) == 0 and self.counts.get("incomplete", 0) == 0
-                and self.counts.get("total", 0) >= self.requested)
+        return _complete(self.counts, self.requested)
 
     @property
     def gain_over_reference(self) -> float | None:
         """Best minus reference tune metric (sign follows ``mode``: positive = better); None if unknown."""
-        if self.best is None or self.reference is None:
-            return None
-        b, r = self.best.value(self.metric), self.reference.value(self.metric)
-        if b is None or r is None:
-            return None
-        return b - r if self.mode == "max" else r - b
+        return _gain(self.best, self.reference, self.metric, self.mode)
 
     def trial(self, trial_id: str) -> TrialRecord:
         for t in self.trials:
@@ -436,7 +862,7 @@ def _trial_row(t: TrialRecord, exp_dir: Path) -> dict[str, Any]:
 def write_experiment(
     path: str | Path,
     *,
-    sweep: Mapping[str, Any],
+    sweep: ExperimentRecord | Mapping[str, Any],
     trials: Sequence[TrialRecord],
     reports: Sequence[Mapping[str, Any]],
     notes: Sequence[str] = (),
@@ -444,17 +870,18 @@ def write_experiment(
     """Write ``trials.parquet``, ``reports.parquet`` and ``experiment.json`` into ``path``.
 
     Args:
-        sweep: The contents of ``sweep.json`` (needs ``name``, ``metric``, ``mode``, ``requested``
-            and ``reference_point``).
+        sweep: The sweep's record (``sweep.json``; an outcome it holds is replaced), or its flat dict
+            form (needs ``name``, ``metric``, ``mode`` and ``requested``; see
+            :meth:`ExperimentRecord.from_dict`).
         trials: One record per trial (the ``reference`` flags are set here).
         reports: One dict per report, each with ``trial_id``.
         notes: Problems met while gathering the results (damaged sources that were skipped), kept in
             ``experiment.json`` as ``warnings``.
     """
     path = Path(path).expanduser().resolve()
-    metric, mode = sweep["metric"], sweep["mode"]
-    heldout = heldout_metric_name(metric)
-    ref = find_reference(trials, sweep.get("reference_point") or {})
+    record = sweep if isinstance(sweep, ExperimentRecord) else ExperimentRecord.from_dict(sweep)
+    metric, mode, heldout = record.metric, record.mode, record.heldout_metric
+    ref = find_reference(trials, record.reference_point)
     trials = [dataclasses.replace(t, reference=ref is not None and t.trial_id == ref.trial_id) for t in trials]
     best = pick_best(trials, metric, mode)
     ref = next((t for t in trials if t.reference), None)
@@ -462,31 +889,19 @@ def write_experiment(
     counts["total"] = len(trials)
     _write_parquet(_table([_trial_row(t, path) for t in trials], first=_TRIAL_COLUMNS), path / TRIALS_FILE)
     _write_parquet(_table(reports, first=("trial_id",)), path / REPORTS_FILE)
-    result = ExperimentResult(path=path, name=sweep["name"], metric=metric, mode=mode, heldout_metric=heldout,
-                              trials=tuple(trials), best=best, reference=ref, counts=counts,
-                              requested=int(sweep["requested"]), info={**sweep, "warnings": list(notes)})
-    doc = {
-        **portable_sweep(sweep, path),
-        "heldout_metric": heldout,
-        "counts": counts,
-        "complete": result.complete,
-        "best": _portable_summary(best, metric, heldout, path),
-        "reference": _portable_summary(ref, metric, heldout, path),
-        "gain_over_reference": result.gain_over_reference,
-        "files": {"trials": TRIALS_FILE, "reports": REPORTS_FILE, "runs": RUNS_DIR},
-        "warnings": list(notes),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_json(path / EXPERIMENT_FILE, doc)
-    return result
-
-
-def _portable_summary(t: TrialRecord | None, metric: str, heldout: str, exp_dir: Path) -> dict[str, Any] | None:
-    if t is None:
-        return None
-    out = t.summary(metric, heldout)
-    out["run_dir"] = _relative(t.run_dir, exp_dir) if t.run_dir else ""
-    return out
+    outcome = OutcomeRecord(
+        counts=counts,
+        complete=_complete(counts, record.requested),
+        best=TrialSummary.of(best, metric, heldout) if best is not None else None,
+        reference=TrialSummary.of(ref, metric, heldout) if ref is not None else None,
+        gain_over_reference=_gain(best, ref, metric, mode),
+        files={"trials": TRIALS_FILE, "reports": REPORTS_FILE, "runs": RUNS_DIR},
+        warnings=tuple(notes),
+        updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    record = dataclasses.replace(record, outcome=outcome)
+    atomic_write_json(path / EXPERIMENT_FILE, record.to_json(path))
+    return ExperimentResult(path=path, record=record, trials=tuple(trials), best=best, reference=ref)
 
 
 def _records(table: pa.Table, exp_dir: Path) -> list[TrialRecord]:
@@ -526,6 +941,7 @@ def load_experiment(path: str | Path) -> ExperimentResult:
 
     Raises:
         FileNotFoundError: ``path`` has no ``experiment.json`` / ``trials.parquet`` (with what to do).
+        ResultsError: one of them is unreadable, or ``experiment.json`` is of an unknown version.
     """
     path = Path(path).expanduser().resolve()
     doc_path, trials_path = path / EXPERIMENT_FILE, path / TRIALS_FILE
@@ -535,20 +951,16 @@ def load_experiment(path: str | Path) -> ExperimentResult:
                 if (path / SWEEP_FILE).is_file() else "not an experiment folder made by `wsss-tune sweep`")
         raise FileNotFoundError(f"{path}: no {EXPERIMENT_FILE} and {TRIALS_FILE} ({hint})")
     doc = _read_json(doc_path, "the experiment record", rebuild_hint(path))
+    record_version(doc, doc_path)
     missing = [k for k in ("name", "metric", "mode", "counts", "requested") if k not in doc]
     if missing:
         raise ResultsError(f"{doc_path}: the experiment record lacks {', '.join(missing)}; {rebuild_hint(path)}")
-    doc = resolve_paths(doc, path)
+    record = ExperimentRecord.from_json(doc, path, file=doc_path, hint=rebuild_hint(path))
     trials = read_trials_table(path)
-    metric, mode = doc["metric"], doc["mode"]
     ref = next((t for t in trials if t.reference), None)
-    best_id = (doc.get("best") or {}).get("trial_id")
+    best_id = record.outcome.best.trial_id if record.outcome and record.outcome.best else None
     best = next((t for t in trials if t.trial_id == best_id), None)
-    info = {k: v for k, v in doc.items() if k not in ("counts", "best", "reference")}
-    return ExperimentResult(path=path, name=doc["name"], metric=metric, mode=mode,
-                            heldout_metric=doc.get("heldout_metric") or heldout_metric_name(metric),
-                            trials=tuple(trials), best=best, reference=ref, counts=dict(doc["counts"]),
-                            requested=int(doc["requested"]), info=info)
+    return ExperimentResult(path=path, record=record, trials=tuple(trials), best=best, reference=ref)
 
 
 def stage_miou_rows(result: ExperimentResult) -> list[dict[str, Any]]:

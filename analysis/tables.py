@@ -203,7 +203,7 @@ def stage_table(exp: ExperimentResult) -> Table:
 def fidelity_attr(exp: ExperimentResult) -> str:
     """The reported counter the scheduler compares trials on (the space's fidelity ``time_attr``),
     or Ray's ``training_iteration`` when the space has none."""
-    fid = (exp.info.get("space") or {}).get("fidelity") or {}
+    fid = exp.record.fidelity or {}
     return str(fid.get("time_attr") or _TRAINING_ITERATION)
 
 
@@ -267,7 +267,7 @@ def trials_table(exp: ExperimentResult, curves: Table | None = None, order: list
     """
     curves = curves_table(exp) if curves is None else curves
     last = curves.frame.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")
-    params = [p for p in (exp.info.get("space") or {}).get("params", {})]
+    params = list(exp.record.searched_params)
     for t in exp.trials:
         params += [k for k in t.params if k not in params]
     rows = []
@@ -318,7 +318,7 @@ def stopped_table(exp: ExperimentResult, trials: Table | None = None) -> Table:
     f = trials.frame
     params = [c for c in f.columns if "." in c]
     frame = f.loc[f["status"] == "pruned", ["trial_id", "last_step", "last_value", *params]].reset_index(drop=True)
-    fid = (exp.info.get("space") or {}).get("fidelity") or {}
+    fid = exp.record.fidelity or {}
     note = (f"ASHA on {fid.get('time_attr')}: max_t {fid.get('max_t')}, grace period {fid.get('grace_period')}, "
             f"reduction factor {fid.get('reduction_factor')}" if fid else "the space has no fidelity: no early stopping")
     return Table(name="stopped", title=f"Trials stopped early ({len(frame)} of {len(f)})", frame=frame, note=note)
@@ -337,10 +337,10 @@ def load_study(exp: ExperimentResult) -> Any:
     """
     import optuna
 
-    study = exp.info.get("study") or {}
-    url, name = study.get("storage"), study.get("name")
-    if not url or not name:
+    study = exp.record.study
+    if study is None or not study.storage or not study.name:
         return None
+    url, name = study.storage, study.name
     candidates = []
     if url.startswith("sqlite:///"):
         local = exp.path / Path(url[len("sqlite:///"):]).name
@@ -470,7 +470,7 @@ def _tau(exp: ExperimentResult, trial: TrialRecord | None) -> float | None:
         return None
     if "eps.tau" in trial.params:
         return _finite(trial.params["eps.tau"])
-    return _finite(((exp.info.get("base_config") or {}).get("eps") or {}).get("tau"))
+    return _finite((exp.record.base_config.get("eps") or {}).get("tau"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,9 +520,9 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
     GPUs, else CPU core-hours (wall hours x ``cpus_per_trial``).
     """
     infos = stage_infos(exp) if infos is None else infos
-    resources = exp.info.get("resources") or {}
-    gpus = _finite(resources.get("gpus_per_trial")) or 0.0
-    cpus = _finite(resources.get("cpus_per_trial")) or 1.0
+    resources = exp.record.resources
+    gpus = _finite(resources.gpus_per_trial) or 0.0
+    cpus = _finite(resources.cpus_per_trial) or 1.0
     unit = "GPU-hours" if gpus > 0 else "CPU-hours"
     scale = gpus if gpus > 0 else cpus
     agg: dict[str, dict[str, Any]] = {}

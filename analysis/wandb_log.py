@@ -79,10 +79,9 @@ def log_report_to_wandb(
     import wandb
     from PIL import Image
 
-    recorded = exp.info.get("wandb") or {}
-    project = project or recorded.get("project") or DEFAULT_PROJECT
+    project = project or exp.record.wandb.project or DEFAULT_PROJECT
     folder = os.environ.get("WANDB_DIR") or str(exp.path)
-    config = {"experiment": exp.name, "metric": exp.metric, "mode": exp.mode, "space": exp.info.get("space"),
+    config = {"experiment": exp.name, "metric": exp.metric, "mode": exp.mode, "space": dict(exp.record.space) or None,
               "best_params": dict(exp.best.params) if exp.best else None}
     try:
         run = wandb.init(project=project, group=exp.name, name=f"{exp.name}-report", job_type="report",

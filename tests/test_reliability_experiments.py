@@ -140,8 +140,8 @@ def _interrupt(exp: Path, *, extra: int = 1) -> str:
     sweep = json.loads((exp / "sweep.json").read_text())
     sweep["requested"] = sweep["requested"] + extra
     (exp / "sweep.json").write_text(json.dumps(sweep))
-    doc = load_sweep(exp)
-    study = optuna.load_study(study_name=doc["study"]["name"], storage=doc["study"]["storage"])
+    record = load_sweep(exp)
+    study = optuna.load_study(study_name=record.study.name, storage=record.study.storage)
     done = study.trials[-1]
     running = study.ask({k: v for k, v in done.distributions.items()})
     running.set_user_attr(RAY_TRIAL_ATTR, "deadbeef")

@@ -3,9 +3,13 @@
 Also the Optuna searcher that knows about early stopping, the live trial table, and the sweep
 orchestration (:func:`run_sweep`, :func:`resume_sweep`, :func:`demo`). The CLI's entry points are
 ``wsss_tune.trainables.sweep.{sweep, resume, export, demo}`` (``sweep`` stays the module's name
-here). This package imports Ray and Optuna; the library (``wsss_tune`` proper) never imports it.
+here); the sweep's parts are ``planning`` (validation, the experiment record; no Ray), ``session``
+(the Ray instance), ``tuner`` (the Tune ``Tuner``) and ``records`` (the results, rebuilt from disk).
+This package imports Ray and Optuna; the library (``wsss_tune`` proper) never imports it.
 """
 
+from .planning import SMOKE_OVERRIDES, SweepPlan, plan_sweep
+from .records import collect_results
 from .reporter import (
     FINAL_KEY,
     STAGE_STEP_KEY,
@@ -16,16 +20,7 @@ from .reporter import (
     tune_result,
 )
 from .search import FidelitySearch, optuna_distributions, study_storage
-from .sweep import (
-    SMOKE_OVERRIDES,
-    SweepPlan,
-    collect_results,
-    demo,
-    plan_sweep,
-    print_summary,
-    resume_sweep,
-    run_sweep,
-)
+from .sweep import demo, print_summary, resume_sweep, run_sweep
 from .trainable import (
     SETTINGS_KEY,
     TRAINABLES,

@@ -33,6 +33,7 @@ from typing import Any
 
 from wsss_tune.analysis.results import (
     RUNS_DIR,
+    ExperimentRecord,
     ExperimentResult,
     ResultsError,
     TrialRecord,
@@ -172,24 +173,27 @@ def _clean(result: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in _RAY_RESULT_NOISE and not isinstance(v, dict | list)}
 
 
-def open_study(doc: Mapping[str, Any]) -> Any:
-    """The experiment's Optuna study (``doc``: the resolved ``sweep.json``).
+def open_study(record: ExperimentRecord) -> Any:
+    """The experiment's Optuna study (``record``: its ``sweep.json``, read with :func:`load_sweep`).
 
     Raises:
-        ResultsError: the study file is missing or unreadable, or holds no study of that name.
+        ResultsError: the record names no study, or the study file is missing or unreadable, or holds
+        no study of that name.
     """
     import optuna
     import sqlalchemy.exc
 
-    study = doc["study"]
-    path = Path(str(study["storage"])[len("sqlite:///"):])
+    study = record.study
+    if study is None:
+        raise ResultsError(f"the record of experiment {record.name!r} names no Optuna study")
+    path = study.file or Path(study.storage)
     exp_dir = path.parent
     if not path.is_file():
         raise ResultsError(f"{path}: the experiment's Optuna study is missing")
     try:
-        return optuna.load_study(study_name=study["name"], storage=study["storage"])
+        return optuna.load_study(study_name=study.name, storage=study.storage)
     except KeyError:
-        raise ResultsError(f"{path}: holds no study named {study['name']!r}; {rebuild_hint(exp_dir)}") from None
+        raise ResultsError(f"{path}: holds no study named {study.name!r}; {rebuild_hint(exp_dir)}") from None
     except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ResultsError(f"{path}: the experiment's Optuna study is unreadable ({text})") from None
@@ -242,12 +246,12 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         FileNotFoundError / ResultsError: no readable ``sweep.json`` (the one file that must be intact).
     """
     exp_dir = Path(exp_dir).expanduser().resolve()
-    doc = load_sweep(exp_dir)
+    record = load_sweep(exp_dir)
     states, problems = ray_trial_states(exp_dir)
     folders = trial_folders(exp_dir)
     if study is None and (exp_dir / STUDY_FILE).is_file():
         try:
-            study = open_study(doc)
+            study = open_study(record)
         except ResultsError as exc:
             problems.append(str(exc))
     previous: dict[str, TrialRecord] = {}
@@ -276,7 +280,7 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
     for old, new in superseded.items():
         earlier.setdefault(new, []).append(old)
 
-    runs_dir = Path(doc["settings"]["runs_dir"])
+    runs_dir = Path(record.runs_dir or exp_dir / RUNS_DIR)
     records: list[TrialRecord] = []
     reports: list[dict[str, Any]] = []
     for trial_id in sorted(known):
@@ -301,8 +305,8 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         else:
             metrics = dict(prev.metrics) if prev else {}
         if status == "completed" and frozen is not None and _finite(frozen.value if frozen.values else None) \
-                and doc["metric"] not in metrics:
-            metrics[doc["metric"]] = float(frozen.value)  # the study kept what the folder lost
+                and record.metric not in metrics:
+            metrics[record.metric] = float(frozen.value)  # the study kept what the folder lost
         # attempts that raised (retried while fewer than FailureConfig.max_failures)
         metrics["num_failures"] = (ray.num_failures if ray is not None
                                    else int((prev.metrics.get("num_failures") if prev else 0) or 0))
@@ -315,7 +319,7 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         ))
     for problem in problems:
         log.warning("%s: %s", exp_dir, problem)
-    return write_experiment(exp_dir, sweep=doc, trials=_order(records, by_ray), reports=reports, notes=problems)
+    return write_experiment(exp_dir, sweep=record, trials=_order(records, by_ray), reports=reports, notes=problems)
 
 
 def _order(records: Sequence[TrialRecord], by_ray: Mapping[str, Any]) -> list[TrialRecord]:

@@ -1,0 +1,249 @@
+"""Planning a sweep: every check that needs no Ray session, and the experiment record it writes.
+
+:func:`plan_sweep` validates a sweep (the space with its overrides, the arguments, the data root and its
+id lists, the files and weights the trials need, the experiment folder) and returns a
+:class:`SweepPlan` holding the :class:`~wsss_tune.analysis.results.ExperimentRecord` that becomes
+``sweep.json``. :func:`plan_from_record` makes the plan of an existing experiment again from that
+record (for ``resume``). Nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsss_tune.analysis.results import (
+    RUNS_DIR,
+    SWEEP_FILE,
+    ExperimentRecord,
+    ResourcesRecord,
+    StudyRecord,
+    WandbRecord,
+    space_to_dict,
+)
+from wsss_tune.config import to_dict
+from wsss_tune.spaces import SearchSpace, SpaceError, load_space, space_from_dict, validate
+from wsss_tune.validate import require_preflight
+
+from .search import STUDY_FILE, optuna_distributions
+from .trainable import TrialSettings, trainable_for
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "DEFAULT_WANDB_PROJECT",
+    "WANDB_MODES",
+    "PROGRESS_MODES",
+    "STORE_DIR",
+    "SMOKE_OVERRIDES",
+    "SweepPlan",
+    "check_data",
+    "plan_sweep",
+    "plan_from_record",
+]
+
+#: Default experiment storage (relative to the working directory, made absolute).
+DEFAULT_STORAGE = "experiments"
+#: W&B project of the runs.
+DEFAULT_WANDB_PROJECT = "wsss-tune"
+WANDB_MODES = ("offline", "off", "online")
+PROGRESS_MODES = ("rich", "ray", "off")
+#: Folder of the shared artifact store inside the storage root (shared by all its experiments).
+STORE_DIR = "artifacts"
+#: Fixed overrides that shrink the built-in ``synth`` config to seconds per trial on the ``tiny``
+#: synthetic preset (a few iterations, small batches, tiny evaluation subsets, CPU): for smoke
+#: sweeps, tests and the quick benchmark. The numbers they give mean nothing.
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "eps.iterations": 4, "eps.batch_size": 4, "eps.eval_every": 2, "eps.eval_images": 4,
+    "eps.checkpoint_every": 2, "eps.log_every": 2,
+    "affinity.iterations": 2, "affinity.batch_size": 4, "affinity.checkpoint_every": 2,
+    "deeplab.iterations": 4, "deeplab.batch_size": 4, "deeplab.eval_every": 2, "deeplab.eval_images": 4,
+    "deeplab.checkpoint_every": 2, "deeplab.log_every": 2,
+    "run.device": "cpu",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepPlan:
+    """A validated sweep, ready to hand to Ray (:func:`plan_sweep`)."""
+
+    space: SearchSpace
+    exp_dir: Path
+    name: str
+    num_samples: int
+    trainable: str
+    settings: TrialSettings
+    reference_point: Mapping[str, Any]
+    #: What ``sweep.json`` records (paths absolute; written relative by ``write_sweep``).
+    record: ExperimentRecord
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    with contextlib.suppress(Exception):
+        import netrc
+
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+        return bool(auth and auth[2])
+    return False
+
+
+def check_data(space: SearchSpace) -> None:
+    """The space's data root exists and holds the id lists of the splits its base config reads.
+
+    Raises:
+        FileNotFoundError: no data root (with how to make one). DataError: an id list is missing.
+    """
+    from wsss_tune.data import VOCLayout
+
+    cfg = space.base_config()
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {str(root)!r} does not exist (search space {space.where}); pass "
+                                "data=<dataset folder>, or generate the synthetic one with `wsss-tune data synth`")
+    layout = VOCLayout.from_config(cfg.data)
+    for split in sorted({cfg.data.train_split, cfg.data.mask_eval_split, cfg.data.val_split}):
+        layout.split_ids(split)  # raises DataError naming the missing id list
+
+
+def plan_sweep(
+    space: SearchSpace | str | Path,
+    *,
+    data: str | Path | None = None,
+    trials: int | None = None,
+    gpus_per_trial: float = 0,
+    cpus_per_trial: float = 1,
+    storage: str | Path | None = None,
+    name: str | None = None,
+    wandb: str = "offline",
+    wandb_project: str = DEFAULT_WANDB_PROJECT,
+    seed: int = 0,
+    max_failures: int = 0,
+    max_concurrent: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    store: str | None = None,
+    cache: bool = True,
+    tune_checkpoints: bool = True,
+) -> SweepPlan:
+    """Validate a sweep without starting Ray (arguments as in :func:`~trainables.sweep.run_sweep`).
+
+    Raises:
+        SpaceError: the space (with ``overrides``) is invalid. FileNotFoundError / DataError: the data
+        root or an id list is missing. ValueError: a bad argument or an existing experiment folder.
+    """
+    if not isinstance(space, SearchSpace):
+        space = load_space(space)
+    extra = dict(overrides or {})
+    if data is not None:
+        extra["data.root"] = str(Path(data).expanduser().resolve())
+    if extra:
+        space = dataclasses.replace(space, overrides={**space.overrides, **extra})
+        validate(space)
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise ValueError(f"trials={trials!r}: expected an integer >= 1")
+    if not cpus_per_trial > 0:
+        raise ValueError(f"cpus_per_trial={cpus_per_trial!r}: expected > 0")
+    if gpus_per_trial < 0:
+        raise ValueError(f"gpus_per_trial={gpus_per_trial!r}: expected >= 0 (fractions share a GPU)")
+    if max_concurrent is not None and (isinstance(max_concurrent, bool) or max_concurrent < 1):
+        raise ValueError(f"max_concurrent={max_concurrent!r}: expected None (as resources allow) or >= 1")
+    if max_failures < -1:
+        raise ValueError(f"max_failures={max_failures!r}: expected >= 0 retries per trial, or -1 for unlimited")
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb={wandb!r}: expected one of {', '.join(WANDB_MODES)}")
+    if wandb == "online" and not _wandb_key_configured():
+        raise ValueError("wandb='online' but no W&B API key is configured (set WANDB_API_KEY or run `wandb login`); "
+                         "or log offline (wandb='offline') and upload later with `wandb sync`")
+    storage_text = str(storage if storage is not None else DEFAULT_STORAGE)
+    if "://" in storage_text:
+        raise ValueError(f"storage={storage_text!r}: the experiment folder must be a local or mounted path (its "
+                         "Optuna study is a SQLite file); on a cluster, use a folder every node mounts")
+    optuna_distributions(space)  # categorical choices Optuna can hold
+    check_data(space)
+
+    storage_root = Path(storage_text).expanduser().resolve()
+    name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name={name!r}: expected a folder name (no '/', not starting with '.')")
+    exp_dir = storage_root / name
+    if (exp_dir / SWEEP_FILE).exists() or any(exp_dir.glob("experiment_state-*.json")):
+        raise ValueError(f"{exp_dir} already holds an experiment; resume it (`wsss-tune resume {exp_dir}`) "
+                         "or pick another name")
+
+    cfg = space.base_config()
+    if store is None and cache:
+        store = cfg.run.artifact_store or str(storage_root / STORE_DIR)
+    store_uri = "" if not cache else str(store)
+    if store_uri and "://" not in store_uri:
+        store_uri = str(Path(store_uri).expanduser().resolve())
+    # Every file, weight and storage location the trials need, checked before Ray starts.
+    require_preflight(cfg, stages=space.stages, store=store_uri or None, experiments=storage_root)
+    trainable, _ = trainable_for(space.stages)
+    f = space.fidelity
+    settings = TrialSettings(
+        base=to_dict(cfg),
+        stages=space.stages,
+        runs_dir=str(exp_dir / RUNS_DIR),
+        store=store_uri,
+        metric=space.metric,
+        time_attr=f.time_attr if f else None,
+        final_t=f.max_t if f else None,
+        threads=max(1, int(cpus_per_trial)),
+        tune_checkpoints=tune_checkpoints,
+    )
+    reference = space.reference_point()
+    num_samples = trials if trials is not None else space.num_samples
+    record = ExperimentRecord(
+        name=name,
+        space_name=space.name,
+        space_source=str(space.source.resolve()) if space.source else None,
+        space=space_to_dict(space),
+        base_config=to_dict(cfg),
+        metric=space.metric,
+        mode=space.mode,
+        tune_split=space.tune_split,
+        heldout_split=space.heldout_split,
+        stages=tuple(space.stages),
+        trainable=trainable,
+        requested=num_samples,
+        reference_point=dict(reference),
+        store=store_uri or None,
+        storage=str(storage_root),
+        study=StudyRecord(name=name, storage=f"sqlite:///{exp_dir / STUDY_FILE}"),
+        wandb=WandbRecord(mode=wandb, project=wandb_project, dir=str(exp_dir / "wandb") if wandb != "off" else None),
+        resources=ResourcesRecord(cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial),
+        seed=seed,
+        max_failures=max_failures,
+        max_concurrent=max_concurrent,
+        settings=settings.to_dict(),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    return SweepPlan(space=space, exp_dir=exp_dir, name=name, num_samples=num_samples, trainable=trainable,
+                     settings=settings, reference_point=reference, record=record)
+
+
+def plan_from_record(exp_dir: Path, record: ExperimentRecord, *, num_samples: int) -> SweepPlan:
+    """The :class:`SweepPlan` of an experiment folder's record (``sweep.json``, paths resolved in
+    ``exp_dir``), running ``num_samples`` trials.
+
+    Raises:
+        SpaceError: the recorded space is invalid (the message names ``sweep.json``).
+        ValueError: the record lacks the trials' settings or trainable, or its settings are invalid.
+    """
+    try:
+        space = space_from_dict(record.space, source=record.space_source, name=record.space_name)
+    except SpaceError as exc:
+        raise SpaceError(exc.source, exc.key, f"{exc.message} (the search space recorded in {exp_dir / SWEEP_FILE})") \
+            from None
+    if record.settings is None or record.trainable is None:
+        raise ValueError(f"{exp_dir / SWEEP_FILE}: the sweep record lacks the trials' settings or trainable")
+    settings = TrialSettings.from_dict(record.settings)
+    return SweepPlan(space=space, exp_dir=exp_dir, name=record.name, num_samples=num_samples,
+                     trainable=record.trainable, settings=settings, reference_point=record.reference_point,
+                     record=record)

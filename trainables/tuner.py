@@ -1,0 +1,91 @@
+"""Building the Ray Tune ``Tuner`` of a sweep: the searcher, the scheduler, the trial resources and
+the callbacks (W&B logging, the live trial table).
+
+:func:`build_tuner` turns a :class:`~trainables.planning.SweepPlan` into a ``Tuner`` whose ``fit``
+runs the search (new or resumed from the Optuna study, :class:`~trainables.search.ResumePlan`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wsss_tune.analysis.results import ResourcesRecord
+
+from .planning import SweepPlan
+from .search import STUDY_FILE, ResumePlan, optuna_distributions
+from .trainable import SETTINGS_KEY, TRAINABLES
+
+__all__ = ["WANDB_UPLOAD_TIMEOUT_S", "CHECKPOINTS_TO_KEEP", "with_resources", "callbacks", "build_tuner"]
+
+#: Seconds the W&B callback waits for a run's upload when the experiment ends (Ray's default is
+#: 1,800; offline runs have nothing to upload).
+WANDB_UPLOAD_TIMEOUT_S = 30
+#: Tune checkpoints kept per trial (the newest; training resumes from the store's work folders).
+CHECKPOINTS_TO_KEEP = 1
+
+
+def with_resources(trainable: str, resources: ResourcesRecord) -> Any:
+    """The named trainable with one trial's CPUs and GPUs attached."""
+    from ray import tune
+
+    return tune.with_resources(TRAINABLES[trainable], {"cpu": resources.cpus_per_trial,
+                                                      "gpu": resources.gpus_per_trial})
+
+
+def callbacks(plan: SweepPlan, *, progress: str) -> list[Any]:
+    """W&B logging (unless the sweep's W&B mode is ``off``) and, for ``progress='rich'``, the live table."""
+    out: list[Any] = []
+    w = plan.record.wandb
+    if w.mode != "off":
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        plan.exp_dir.mkdir(parents=True, exist_ok=True)
+        out.append(WandbLoggerCallback(project=w.project, group=plan.name, log_config=True,
+                                       upload_timeout=WANDB_UPLOAD_TIMEOUT_S, mode=w.mode,
+                                       dir=str(plan.exp_dir)))
+    if progress == "rich":
+        from .progress import TrialTable
+
+        out.append(TrialTable(metric=plan.space.metric, mode=plan.space.mode,
+                              params=[p.path for p in plan.space.params], title=plan.name))
+    return out
+
+
+def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None,
+                resume: ResumePlan | None = None) -> Any:
+    """The ``Tuner`` of ``plan``: Optuna TPE (seeded) on the study in the experiment folder, ASHA when
+    the space has a fidelity, ``plan.num_samples`` trials; ``resume`` continues a search from its study."""
+    from optuna.logging import WARNING, set_verbosity
+    from optuna.samplers import TPESampler
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from .search import FidelitySearch, FullBudgetASHA, study_storage
+    from .trainable import trial_dirname
+
+    space = plan.space
+    set_verbosity(WARNING)  # one line per trial from Optuna would fight the live table
+    searcher = FidelitySearch(
+        space=optuna_distributions(space), metric=space.metric, mode=space.mode,
+        # A resumed search asked for the reference point already (it waits in the study's queue if
+        # the driver stopped first).
+        points_to_evaluate=None if resume is not None else [dict(plan.reference_point)],
+        sampler=TPESampler(seed=seed), study_name=plan.name, storage=study_storage(str(plan.exp_dir / STUDY_FILE)),
+        time_attr=space.fidelity.time_attr if space.fidelity else None, resume=resume,
+    )
+    f = space.fidelity
+    scheduler = None
+    if f is not None:
+        scheduler = FullBudgetASHA(time_attr=f.time_attr, metric=space.metric, mode=space.mode, max_t=f.max_t,
+                                   grace_period=f.grace_period, reduction_factor=f.reduction_factor)
+    return Tuner(
+        with_resources(plan.trainable, plan.record.resources),
+        param_space={SETTINGS_KEY: plan.settings.to_dict()},
+        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                               max_concurrent_trials=max_concurrent, reuse_actors=True,
+                               trial_dirname_creator=trial_dirname),
+        run_config=RunConfig(name=plan.exp_dir.name, storage_path=str(plan.exp_dir.parent),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+                             callbacks=callbacks(plan, progress=progress),
+                             verbose=1 if progress == "ray" else 0),
+    )
