@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -290,7 +290,10 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def prepare_model(model: _Model, device: torch.device, channels_last: bool) -> _Model:
     """Move ``model`` to ``device``; on CUDA with ``channels_last`` also switch its memory format
     (NHWC convolutions on tensor cores). On the CPU the format stays contiguous."""
     model = model.to(device)
@@ -354,7 +357,8 @@ class LogWindow:
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    def add(self, **values: float) -> None:
+    def add(self, **values: Any) -> None:
+        """Add each named scalar (a float or a one-element tensor) to its running sum."""
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.count += 1
