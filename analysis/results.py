@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wsss_tune.spaces import HELDOUT_SUFFIX, TUNE_SUFFIX, SearchSpace
+from wsss_tune.stages import graph
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -108,8 +109,6 @@ _TRIAL_COLUMNS = ("trial_id", "status", "error", "reference", "run_dir", "report
 #: Relative tolerance when matching a trial's values to the reference point (floats pass through
 #: Optuna and JSON exactly, so this only absorbs representation noise).
 _REF_REL_TOL = 1e-9
-#: Stages and the metric prefix of their mask quality, in pipeline order (``stage_miou_rows``).
-_STAGE_PREFIXES = (("CAM", "cam"), ("EPS", "eps"), ("refined", "rw"), ("DeepLab", "deeplab"))
 
 
 class ResultsError(ValueError):
@@ -972,7 +971,7 @@ def stage_miou_rows(result: ExperimentResult) -> list[dict[str, Any]]:
         if trial is None:
             continue
         row: dict[str, Any] = {"config": label, "trial": trial.trial_id}
-        for name, prefix in _STAGE_PREFIXES:
+        for name, prefix in graph.metric_columns():
             tune, held = trial.value(f"{prefix}_miou_tune"), trial.value(f"{prefix}_miou_heldout")
             if tune is not None or held is not None:
                 row[f"{name} tune"], row[f"{name} held-out"] = tune, held

@@ -34,9 +34,11 @@ from typing import Any
 import pandas as pd
 
 from wsss_tune.analysis.results import ExperimentResult, TrialRecord, stage_miou_rows
+from wsss_tune.stages import graph
 
 __all__ = [
     "STAGE_PREFIXES",
+    "stage_prefixes",
     "MIN_FANOVA_TRIALS",
     "Table",
     "cam_baseline",
@@ -57,13 +59,19 @@ __all__ = [
     "fidelity_attr",
 ]
 
-#: Row label and metric prefix of each stage, in pipeline order. ``cam`` is the plain-CAM baseline:
-#: ``cam_miou*`` metrics if a run reports them, else the EPS-stage numbers of a trial whose
-#: ``eps_method`` is ``cam`` (``eps.method: cam``, the baseline without the saliency loss).
-STAGE_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("CAM", "cam"), ("EPS pseudo-mask", "eps"), ("refined", "rw"), ("DeepLab", "deeplab"))
-#: Labels :func:`~wsss_tune.analysis.results.stage_miou_rows` gives the stages it reports.
-_RESULTS_LABELS: dict[str, str] = {"EPS": "eps", "refined": "rw", "DeepLab": "deeplab"}
+#: Row labels of the report's stage table where they differ from the stage graph's column labels.
+_REPORT_LABELS: dict[str, str] = {"eps": "EPS pseudo-mask"}
+
+
+def stage_prefixes() -> tuple[tuple[str, str], ...]:
+    """Row label and metric prefix of each stage, in pipeline order (from the stage graph). ``cam`` is
+    the plain-CAM baseline: ``cam_miou*`` metrics if a run reports them, else the EPS-stage numbers of
+    a trial whose ``eps_method`` is ``cam`` (``eps.method: cam``, the baseline without the saliency loss)."""
+    return tuple((_REPORT_LABELS.get(prefix, label), prefix) for label, prefix in graph.metric_columns())
+
+
+#: The stages of the built-in graph (:func:`stage_prefixes` reads the graph at call time).
+STAGE_PREFIXES: tuple[tuple[str, str], ...] = stage_prefixes()
 #: fANOVA (Hutter et al., ICML 2014) fits a random forest to (values -> objective); with fewer
 #: completed trials than this, or not more than there are searched parameters, the forest fits
 #: noise and the importances mean nothing. Our threshold; Optuna itself needs only 2 trials.
@@ -71,8 +79,6 @@ MIN_FANOVA_TRIALS = 5
 #: fANOVA forest size and seed: Optuna's defaults (64 trees), seeded so a report is reproducible.
 FANOVA_TREES = 64
 FANOVA_SEED = 0
-#: Pipeline artifacts (:mod:`wsss_tune.stages.pipeline`), in order, as recorded in ``metrics.json``.
-ARTIFACT_ORDER = ("eps_model", "eps", "affinity", "rw", "deeplab")
 #: The artifact store's manifest (holds ``build_seconds``) inside each artifact folder.
 _MANIFEST = "MANIFEST.json"
 #: Optuna user attribute holding a study trial's Ray trial id: the name
@@ -131,7 +137,8 @@ def _stage_values(exp: ExperimentResult) -> dict[str, dict[str, tuple[float | No
     trials = {"reference": exp.reference, "best": exp.best}
     for row in stage_miou_rows(exp):
         values: dict[str, tuple[float | None, float | None]] = {}
-        for label, prefix in _RESULTS_LABELS.items():
+        side = {p for _, p in graph.SIDE_METRICS.values()}  # the CAM baseline: handled below
+        for label, prefix in (c for c in graph.metric_columns() if c[1] not in side):
             if f"{label} tune" in row or f"{label} held-out" in row:
                 values[prefix] = (_finite(row.get(f"{label} tune")), _finite(row.get(f"{label} held-out")))
         trial = trials[row["config"]]
@@ -162,7 +169,7 @@ def stage_table(exp: ExperimentResult) -> Table:
         note.append(f"CAM: trial {baseline.trial_id} (eps.method = cam), the plain-CAM baseline")
     rows = []
     previous: dict[str, tuple[float | None, float | None]] = {}
-    for label, prefix in STAGE_PREFIXES:
+    for label, prefix in stage_prefixes():
         if not any(prefix in v for v in values.values()):
             continue
         row: dict[str, Any] = {"stage": label}
@@ -422,7 +429,7 @@ def per_class_table(exp: ExperimentResult) -> Table:
     rows = []
     ref = exp.reference.metrics if exp.reference else {}
     best = exp.best.metrics if exp.best else {}
-    for label, prefix in STAGE_PREFIXES:
+    for label, prefix in stage_prefixes():
         key = f"{prefix}_iou/"
         classes = list(dict.fromkeys(k[len(key):] for m in (ref, best) for k in m if k.startswith(key)))
         for cls in classes:
@@ -540,7 +547,8 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
             else:
                 a["built"] += 1
                 a["seconds"] += seconds
-    order = [n for n in ARTIFACT_ORDER if n in agg] + sorted(n for n in agg if n not in ARTIFACT_ORDER)
+    known = graph.artifact_names()  # + the CAM baseline's, after the graph's own
+    order = [n for n in known if n in agg] + sorted(n for n in agg if n not in known)
     rows = [{"stage": n, "built": agg[n]["built"], "hits": agg[n]["hits"], "hours": agg[n]["seconds"] * scale / _HOUR,
              "saved_hours": agg[n]["saved"] * scale / _HOUR} for n in order]
     rest = [t for t in exp.trials if t.trial_id not in infos]
