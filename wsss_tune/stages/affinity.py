@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss_tune.config import AffinityConfig, PipelineConfig, to_dict
+from wsss_tune.config import AffinityConfig, PipelineConfig
 from wsss_tune.data import TrainTransform, VOCLayout, normalize_image
 from wsss_tune.models.affinity_net import AffinityNet, build_affinity_net
 from wsss_tune.ops.affinity import (
@@ -46,6 +46,7 @@ from wsss_tune.ops.affinity import (
 )
 from wsss_tune.ops.neighbors import neighbor_offsets, pair_crop
 from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages import graph
 from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
@@ -105,10 +106,6 @@ TRAIN_JITTER: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
 #: Training settings of a folder, compared on every start so a resume never mixes two configs.
 _TRAIN_KEY_FILE = "train_key.json"
 _CHECKPOINT_DIR = "checkpoints"
-#: AffinityConfig fields that change nothing the stage writes (logging / checkpoint cadence).
-_NEUTRAL_FIELDS = ("log_every", "checkpoint_every")
-#: DataConfig fields that decide what training sees.
-_DATA_TRAIN_FIELDS = ("root", "image_dir", "train_split")
 #: Stored affinity geometry: every pixel is a "from" pixel (``pad_border=True`` of the ops).
 _GEOMETRY = "padded"
 
@@ -257,10 +254,10 @@ _PARTS = ("bg", "fg", "neg")
 
 
 def _train_key(cfg: PipelineConfig, eps_model: Path | None) -> dict[str, Any]:
-    aff = {k: v for k, v in to_dict(cfg.affinity).items() if k not in _NEUTRAL_FIELDS}
-    aff["backbone"] = _backbone_name(cfg)
-    data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
-    key: dict[str, Any] = {"affinity": aff, "data": data, "seed": cfg.run.seed}
+    """The stage graph's ``affinity`` key (:meth:`~wsss_tune.stages.graph.ArtifactSpec.record`) with the
+    backbone resolved, plus the EPS weights it starts from (``init: eps``)."""
+    key = graph.spec("affinity").record(cfg)
+    key["affinity"] = {**key["affinity"], "backbone": _backbone_name(cfg)}
     if eps_model is not None:
         key["eps_model_sha256"] = file_sha256(eps_model)
     return key

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_tune.config import DeepLabConfig, PipelineConfig, to_dict
+from wsss_tune.config import DeepLabConfig, PipelineConfig
 from wsss_tune.data import SegmentationDataset, TrainTransform, VOCLayout, normalize_image, save_mask_png
 from wsss_tune.models.deeplab import build_deeplab, deeplab_param_groups
 from wsss_tune.ops.crf import dense_crf
@@ -37,6 +37,7 @@ from wsss_tune.ops.labelmap import score_argmax
 from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.ops.seg_loss import msc_loss
 from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages import graph
 from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
@@ -90,9 +91,8 @@ TRAIN_HFLIP = True
 INFER_FIELDS: tuple[str, ...] = DEEPLAB_INFER_FIELDS
 #: DeepLabConfig fields that change neither the weights nor the predictions (bookkeeping only);
 #: ``mask_source`` is replaced by the content of the mask folder actually used (:func:`mask_fingerprint`).
-NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "checkpoint_every", "mask_source")
-#: DataConfig fields that decide what training sees (augmentation is seeded per sample, so not the workers).
-_DATA_TRAIN_FIELDS: tuple[str, ...] = ("root", "image_dir", "train_split")
+NEUTRAL_FIELDS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(DeepLabConfig) if f.name in graph.NO_KEY_FIELDS),
+                                   "mask_source")
 #: Training settings of a folder, compared on every start so a resume never mixes two configs.
 _TRAIN_KEY_FILE = "train_key.json"
 _CHECKPOINT_DIR = "checkpoints"
@@ -107,21 +107,20 @@ _UPSAMPLE_MODE = "bilinear"
 
 
 def train_key_fields() -> tuple[str, ...]:
-    """DeepLabConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`."""
-    skip = set(INFER_FIELDS) | set(NEUTRAL_FIELDS)
-    return tuple(f.name for f in dataclasses.fields(DeepLabConfig) if f.name not in skip)
+    """DeepLabConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`
+    (the stage graph's ``deeplab_model`` key fields)."""
+    return tuple(graph.spec("deeplab_model").own_fields(PipelineConfig()))
 
 
 def train_key(cfg: PipelineConfig, masks: str) -> dict[str, Any]:
-    """Everything that changes the trained DeepLab weights, as a plain dict.
+    """Everything that changes the trained DeepLab weights, as a plain dict: the stage graph's
+    ``deeplab_model`` key (:meth:`~wsss_tune.stages.graph.ArtifactSpec.record`) plus the masks.
 
     Args:
         cfg: The pipeline config.
         masks: :func:`mask_fingerprint` of the training masks (where they live does not matter).
     """
-    dl = {k: v for k, v in to_dict(cfg.deeplab).items() if k in train_key_fields()}
-    data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
-    return {"deeplab": dl, "data": data, "seed": cfg.run.seed, "masks": masks}
+    return {**graph.spec("deeplab_model").record(cfg), "masks": masks}
 
 
 def mask_fingerprint(layout: VOCLayout, ids: Sequence[str], mask_dir: str | Path) -> str:

@@ -43,6 +43,7 @@ from wsss_tune.ops.cam import cam_to_mask, multiscale_cam
 from wsss_tune.ops.eps_loss import classification_loss, eps_loss
 from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages import graph
 from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
@@ -91,10 +92,7 @@ __all__ = [
 #: EPSConfig fields used only by CAM inference / pseudo-labelling, never by training.
 INFER_FIELDS: tuple[str, ...] = EPS_INFER_FIELDS
 #: EPSConfig fields that change neither the trained weights nor the pseudo masks (bookkeeping only).
-NEUTRAL_FIELDS: tuple[str, ...] = ("eval_every", "eval_images", "log_every", "checkpoint_every")
-#: DataConfig fields that decide what training sees (``num_workers`` does not: augmentation is seeded
-#: per sample; ``mask_eval_split`` only feeds the periodic evaluation).
-_DATA_TRAIN_FIELDS: tuple[str, ...] = ("root", "image_dir", "saliency_dir", "label_source", "train_split")
+NEUTRAL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EPSConfig) if f.name in graph.NO_KEY_FIELDS)
 #: EPSConfig fields only the saliency loss reads: they do not change a ``method: cam`` model.
 SALIENCY_FIELDS: tuple[str, ...] = _SALIENCY_FIELDS
 #: Horizontal flip during training: the reference always flips.
@@ -116,23 +114,18 @@ _CHECKPOINT_DIR = "checkpoints"
 
 
 def train_key_fields() -> tuple[str, ...]:
-    """EPSConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`."""
-    skip = set(INFER_FIELDS) | set(NEUTRAL_FIELDS)
-    return tuple(f.name for f in dataclasses.fields(EPSConfig) if f.name not in skip)
+    """EPSConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`
+    (the stage graph's ``eps_model`` key fields)."""
+    return tuple(graph.spec("eps_model").own_fields(PipelineConfig()))
 
 
 def train_key(cfg: PipelineConfig) -> dict[str, Any]:
-    """Everything in ``cfg`` that changes the trained EPS weights, as a plain dict.
-
-    ``tau``/``lam`` are left out for ``method: cam``, which has no saliency loss. The data fingerprint
-    (file contents) is not included: an artifact cache adds it.
+    """Everything in ``cfg`` that changes the trained EPS weights, as a plain dict: the stage graph's
+    ``eps_model`` key (:meth:`~wsss_tune.stages.graph.ArtifactSpec.record`), so the folder's record
+    and the artifact store's key are one key. ``tau``/``lam`` are left out for ``method: cam``, which
+    has no saliency loss. The data fingerprint (file contents) is not included: the store adds it.
     """
-    eps = {k: v for k, v in to_dict(cfg.eps).items() if k in train_key_fields()}
-    if cfg.eps.method == "cam":
-        for name in SALIENCY_FIELDS:
-            eps.pop(name)
-    data = {k: getattr(cfg.data, k) for k in _DATA_TRAIN_FIELDS}
-    return {"eps": eps, "data": data, "seed": cfg.run.seed}
+    return graph.spec("eps_model").record(cfg)
 
 
 def cam_normalization(method: str) -> str:

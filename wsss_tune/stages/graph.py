@@ -168,6 +168,18 @@ class ArtifactSpec:
         extra = self.dynamic_upstream(cfg) if self.dynamic_upstream is not None else ()
         return tuple(dict.fromkeys((*self.upstream, *extra)))
 
+    def record(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """Its key parts that come from ``cfg`` as a plain dict (``{section: fields, "data": ...,
+        "seed": ...}``): what a stage runner records in its work folder (``claim_folder``) so a restart
+        never resumes a folder written with other settings. Upstream keys and the data fingerprint
+        are the artifact store's part."""
+        out: dict[str, Any] = {self.section or self.name: self.own_fields(cfg)}
+        if self.data_fields:
+            out["data"] = {f: getattr(cfg.data, f) for f in self.data_fields}
+        if self.seeded:
+            out["seed"] = cfg.run.seed
+        return out
+
     def own_fields(self, cfg: PipelineConfig) -> dict[str, Any]:
         """The fields of its section that key it."""
         if self.section is None:
