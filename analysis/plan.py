@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from wsss_tune.config import PipelineConfig, apply_overrides
-from wsss_tune.spaces import TUNE_METRICS, Fidelity, Param, SearchSpace
+from wsss_tune.spaces import Fidelity, Param, SearchSpace
+from wsss_tune.stages import graph
 
 __all__ = [
     "ARTIFACTS",
@@ -46,12 +47,9 @@ __all__ = [
     "plan",
 ]
 
-#: Stage artifacts in pipeline order (see :mod:`wsss_tune.stages.pipeline`).
-ARTIFACTS: tuple[str, ...] = ("eps_model", "eps", "affinity", "rw", "deeplab")
-#: Which artifact's *training* a search metric's early stopping cuts short: the fidelity counts
-#: that stage's own training steps. The random walk reports its metric only after AffinityNet has
-#: trained (one pass yields every t), so ``rw_miou_tune`` leaves nothing to stop early.
-_ASHA_ARTIFACT: dict[str, str | None] = {"eps": "eps_model", "affinity": None, "deeplab": "deeplab"}
+#: Stage artifacts of the built-in graph in pipeline order (:mod:`wsss_tune.stages.graph`; the
+#: functions below read the graph at call time).
+ARTIFACTS: tuple[str, ...] = graph.artifact_names()
 #: Seconds in an hour.
 _HOUR = 3600.0
 #: Optimiser steps and warm-up steps :func:`time_stages` runs per stage by default: enough for a
@@ -159,25 +157,9 @@ class CostEstimate:
 
 
 def artifact_chain(cfg: PipelineConfig, stages: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """The artifacts a run of ``stages`` builds, each with the artifacts upstream of it (itself included).
-
-    Mirrors :meth:`wsss_tune.stages.pipeline.PipelineRun.run`: DeepLab on ``refined`` masks needs the
-    whole chain, on ``eps`` masks the EPS artifacts, on ``gt`` or a folder nothing upstream.
-    """
-    src = cfg.deeplab.mask_source
-    needs_eps = "eps" in stages or "affinity" in stages or ("deeplab" in stages and src in ("eps", "refined"))
-    needs_aff = "affinity" in stages or ("deeplab" in stages and src == "refined")
-    out: dict[str, tuple[str, ...]] = {}
-    if needs_eps:
-        out["eps_model"] = ("eps_model",)
-        out["eps"] = ("eps_model", "eps")
-    if needs_aff and needs_eps:
-        out["affinity"] = ("eps_model", "eps", "affinity")
-        out["rw"] = ("eps_model", "eps", "affinity", "rw")
-    if "deeplab" in stages:
-        upstream = {"refined": out.get("rw", ()), "eps": out.get("eps", ())}.get(src, ())
-        out["deeplab"] = (*upstream, "deeplab")
-    return out
+    """The artifacts a run of ``stages`` builds, each with the artifacts upstream of it (itself included):
+    :func:`wsss_tune.stages.graph.artifact_chain`, the pipeline's own walk of the graph."""
+    return graph.artifact_chain(cfg, stages)
 
 
 def param_artifacts(p: Param, cfg: PipelineConfig) -> tuple[str, ...]:
@@ -194,7 +176,7 @@ def param_artifacts(p: Param, cfg: PipelineConfig) -> tuple[str, ...]:
     if len(values) < 2:
         return ()
     a, b = (stage_key_parts(apply_overrides(cfg, {p.path: v}), "") for v in values)
-    return tuple(name for name in ARTIFACTS if a[name] != b[name])
+    return tuple(name for name in graph.artifact_names() if a[name] != b[name])
 
 
 def param_cardinality(p: Param) -> float:
@@ -281,10 +263,11 @@ def _build_seconds(t: StageTimings, cfg: PipelineConfig, sizes: DatasetSizes) ->
                      f"{aff_steps} steps x {t.affinity_step:.3g} s + {sizes.masks} images x "
                      f"{t.affinity_forward:.3g} s"),
         "rw": (0.0, sizes.masks * t.rw_image, f"{sizes.masks} images x {t.rw_image:.3g} s"),
-        "deeplab": (d.iterations * t.deeplab_step,
-                    (dl_evals * d.eval_images + sizes.val) * test_passes * t.deeplab_forward,
-                    f"{d.iterations} steps x {t.deeplab_step:.3g} s + ({dl_evals} evals x {d.eval_images} + "
-                    f"{sizes.val} val) images x {test_passes} passes"),
+        "deeplab_model": (d.iterations * t.deeplab_step, dl_evals * d.eval_images * test_passes * t.deeplab_forward,
+                          f"{d.iterations} steps x {t.deeplab_step:.3g} s + {dl_evals} evals x {d.eval_images} "
+                          f"images x {test_passes} passes"),
+        "deeplab": (0.0, sizes.val * test_passes * t.deeplab_forward,
+                    f"{sizes.val} val images x {test_passes} passes x {t.deeplab_forward:.3g} s"),
     }
 
 
@@ -332,13 +315,13 @@ def estimate_cost(
         raise ValueError(f"estimate_cost: gpus={gpus!r}, expected an integer >= 1")
     fidelity = space.fidelity if asha is True else (asha or None)
     chain = artifact_chain(cfg, space.stages)
-    metric_stage = TUNE_METRICS[space.metric][0] if space.metric in TUNE_METRICS else None
-    asha_artifact = _ASHA_ARTIFACT.get(metric_stage) if (fidelity is not None and metric_stage) else None
+    metric_stage = graph.tune_metrics().get(space.metric, (None, None))[0]
+    asha_artifact = graph.fidelity_artifact(metric_stage) if (fidelity is not None and metric_stage) else None
     if asha_artifact not in chain:
         asha_artifact = None
     work, complete = asha_fractions(fidelity) if asha_artifact and fidelity is not None else (1.0, 1.0)
 
-    keyed: dict[str, list[Param]] = {a: [] for a in ARTIFACTS}
+    keyed: dict[str, list[Param]] = {a: [] for a in graph.artifact_names()}
     for p in space.params:
         for a in param_artifacts(p, cfg):
             keyed[a].append(p)
@@ -347,13 +330,14 @@ def estimate_cost(
     rows: list[ArtifactCost] = []
     per_trial = 0.0
     shared_seconds = 0.0
-    for name in ARTIFACTS:
+    for name in graph.artifact_names():
         if name not in chain:
             continue
         upstream = list({p.path: p for a in chain[name] for p in keyed[a]}.values())
         cardinality = math.prod(param_cardinality(p) for p in upstream) if upstream else 1.0
         shared = cache and cardinality == 1.0
-        train_s, other_s, detail = builds_seconds[name]
+        # An artifact without a cost model here (a stage added to the graph) counts as free.
+        train_s, other_s, detail = builds_seconds.get(name, (0.0, 0.0, "no cost model"))
         seconds = train_s + other_s
         after_asha = asha_artifact is not None and asha_artifact in chain[name] and name != asha_artifact
         if name == asha_artifact and not shared:

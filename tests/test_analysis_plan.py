@@ -130,7 +130,7 @@ def test_param_artifacts_follow_the_pipeline_keys() -> None:
     assert param_artifacts(TAU, cfg) == ("eps_model",)
     assert param_artifacts(Param(path="eps.bg_threshold", kind="uniform", low=0.1, high=0.3), cfg) == ("eps",)
     assert param_artifacts(BETA, cfg) == ("rw",)
-    assert param_artifacts(Param(path="run.seed", kind="int", low=0, high=3), cfg) == ("eps_model", "affinity", "deeplab")
+    assert param_artifacts(Param(path="run.seed", kind="int", low=0, high=3), cfg) == ("eps_model", "affinity", "deeplab_model")
     assert param_artifacts(Param(path="eps.eval_every", kind="int", low=100, high=200), cfg) == ()
     assert param_artifacts(Param(path="eps.bg_mode", kind="categorical", choices=("learned",)), cfg) == ()
 
