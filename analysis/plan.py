@@ -239,38 +239,6 @@ def asha_fractions(f: Fidelity) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _passes(scales: Sequence[float], flip: bool) -> int:
-    return len(scales) * (2 if flip else 1)
-
-
-def _build_seconds(t: StageTimings, cfg: PipelineConfig, sizes: DatasetSizes) -> dict[str, tuple[float, float, str]]:
-    """``artifact -> (training seconds, other seconds, detail)`` of one complete build."""
-    from wsss_tune.stages.affinity import max_steps
-
-    e, a, d = cfg.eps, cfg.affinity, cfg.deeplab
-    cam_passes = _passes(e.cam_scales, e.cam_flip)
-    test_passes = _passes(d.test_scales, d.test_flip)
-    eps_evals = e.iterations // e.eval_every if e.eval_every > 0 else 0
-    dl_evals = d.iterations // d.eval_every if d.eval_every > 0 else 0
-    aff_steps = max_steps(a, sizes.train)
-    return {
-        "eps_model": (e.iterations * t.eps_step, eps_evals * e.eval_images * cam_passes * t.eps_forward,
-                      f"{e.iterations} steps x {t.eps_step:.3g} s + {eps_evals} evals x {e.eval_images} images "
-                      f"x {cam_passes} passes"),
-        "eps": (0.0, sizes.masks * cam_passes * t.eps_forward,
-                f"{sizes.masks} images x {cam_passes} passes x {t.eps_forward:.3g} s"),
-        "affinity": (aff_steps * t.affinity_step, sizes.masks * t.affinity_forward,
-                     f"{aff_steps} steps x {t.affinity_step:.3g} s + {sizes.masks} images x "
-                     f"{t.affinity_forward:.3g} s"),
-        "rw": (0.0, sizes.masks * t.rw_image, f"{sizes.masks} images x {t.rw_image:.3g} s"),
-        "deeplab_model": (d.iterations * t.deeplab_step, dl_evals * d.eval_images * test_passes * t.deeplab_forward,
-                          f"{d.iterations} steps x {t.deeplab_step:.3g} s + {dl_evals} evals x {d.eval_images} "
-                          f"images x {test_passes} passes"),
-        "deeplab": (0.0, sizes.val * test_passes * t.deeplab_forward,
-                    f"{sizes.val} val images x {test_passes} passes x {t.deeplab_forward:.3g} s"),
-    }
-
-
 def estimate_cost(
     timings: StageTimings,
     space: SearchSpace,
@@ -325,7 +293,6 @@ def estimate_cost(
     for p in space.params:
         for a in param_artifacts(p, cfg):
             keyed[a].append(p)
-    builds_seconds = _build_seconds(timings, cfg, sizes)
 
     rows: list[ArtifactCost] = []
     per_trial = 0.0
@@ -336,8 +303,9 @@ def estimate_cost(
         upstream = list({p.path: p for a in chain[name] for p in keyed[a]}.values())
         cardinality = math.prod(param_cardinality(p) for p in upstream) if upstream else 1.0
         shared = cache and cardinality == 1.0
-        # An artifact without a cost model here (a stage added to the graph) counts as free.
-        train_s, other_s, detail = builds_seconds.get(name, (0.0, 0.0, "no cost model"))
+        # Each artifact's own cost model (an artifact without one counts as free, and says so).
+        cost = graph.spec(name).cost
+        train_s, other_s, detail = cost(timings, cfg, sizes) if cost is not None else (0.0, 0.0, "no cost model")
         seconds = train_s + other_s
         after_asha = asha_artifact is not None and asha_artifact in chain[name] and name != asha_artifact
         if name == asha_artifact and not shared:
@@ -535,10 +503,10 @@ def time_stages(
 
         return dl_step_s, _timed(dl_forward, **timed)
 
-    chain = artifact_chain(cfg, stages)
-    eps_step_s, eps_forward_s = time_eps() if "eps_model" in chain else (0.0, 0.0)
-    aff_step_s, aff_forward_s, rw_s = time_affinity() if "affinity" in chain else (0.0, 0.0, 0.0)
-    dl_step_s, dl_forward_s = time_deeplab() if "deeplab" in chain else (0.0, 0.0)
+    run = {graph.spec(name).stage for name in artifact_chain(cfg, stages)}  # the stages whose models it needs
+    eps_step_s, eps_forward_s = time_eps() if "eps" in run else (0.0, 0.0)
+    aff_step_s, aff_forward_s, rw_s = time_affinity() if "affinity" in run else (0.0, 0.0, 0.0)
+    dl_step_s, dl_forward_s = time_deeplab() if "deeplab" in run else (0.0, 0.0)
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
         f"cpu x{torch.get_num_threads()}"
     return StageTimings(device=name, eps_step=eps_step_s, eps_forward=eps_forward_s, affinity_step=aff_step_s,

@@ -59,7 +59,7 @@ from wsss_tune.stages.common import (
     save_state_dict,
     to_device,
 )
-from wsss_tune.stages.evaluate import score_masks, tune_heldout_ids
+from wsss_tune.stages.evaluate import tune_heldout_ids
 from wsss_tune.stages.graph import EPS_INFER_FIELDS
 from wsss_tune.stages.graph import SALIENCY_FIELDS as _SALIENCY_FIELDS
 from wsss_tune.utils import (
@@ -467,16 +467,19 @@ def run_eps(
     device = device if device is not None else resolve_device(cfg.run.device)
     out_dir = Path(out_dir)
     train_dir = Path(train_dir) if train_dir is not None else out_dir
-    model_path = train_eps(cfg, out_dir=train_dir, reporter=reporter, device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The pipeline's own build functions (the stage graph's ``eps_model`` and ``eps``), without the cache;
+    # the model stays in ``train_dir``.
     layout = VOCLayout.from_config(cfg.data)
-    eval_ids = layout.split_ids(cfg.data.mask_eval_split)
-    ids = list(dict.fromkeys([*layout.split_ids(cfg.data.train_split), *eval_ids]))
-    paths = infer_eps(cfg, model_path=model_path, ids=ids, out_dir=out_dir, device=device)
-    metrics: dict[str, Any] = score_masks("eps", layout, cfg.data, eval_ids, paths["masks"])
-    summary = json.loads((train_dir / SUMMARY_FILE).read_text())
-    metrics.update({k: v for k, v in summary.items() if k.startswith("eps/")})
-    metrics["eps_method"] = cfg.eps.method
+    model_ctx = graph.BuildContext(cfg=cfg, layout=layout, inputs={}, out=train_dir, work=train_dir,
+                                   reporter=reporter, device=device)
+    metrics: dict[str, Any] = dict(graph.spec("eps_model").build(model_ctx) or {})
+    masks_ctx = graph.BuildContext(cfg=cfg, layout=layout, inputs={"eps_model": train_dir}, out=out_dir,
+                                   work=out_dir, reporter=reporter, device=device)
+    metrics.update(graph.spec("eps").build(masks_ctx) or {})
     reporter.report(metrics, step=cfg.eps.iterations)
+    model_path = train_dir / MODEL_FILE
+    paths = {"cams": out_dir / "cams", "masks": out_dir / "masks"}
     return StageResult(metrics=metrics, paths={"model": str(model_path), "train_dir": str(train_dir),
                                                "checkpoints": str(train_dir / _CHECKPOINT_DIR),
                                                "cams": str(paths["cams"]), "masks": str(paths["masks"])})

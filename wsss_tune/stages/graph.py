@@ -56,6 +56,7 @@ __all__ = [
     "BuildContext",
     "GRAPH",
     "SIDE_METRICS",
+    "CAM_BASELINE",
     "NO_KEY_FIELDS",
     "EPS_INFER_FIELDS",
     "SALIENCY_FIELDS",
@@ -141,6 +142,8 @@ class ArtifactSpec:
             fidelity of its stage's early stopping).
         metric: The metric it reports.
         report_as: Stage name in its reports (default ``name``); artifacts sharing one continue its steps.
+        cost: ``(timings, cfg, sizes) -> (training s, other s, detail)`` of one build, for ``plan``
+            (None: not modelled; ``plan`` counts it as free and says so).
         build: ``BuildContext -> metrics`` (writes ``ctx.out``).
     """
 
@@ -161,6 +164,7 @@ class ArtifactSpec:
     fidelity: bool = False
     metric: Metric | None = None
     report_as: str | None = None
+    cost: Callable[[Any, PipelineConfig, Any], tuple[float, float, str]] | None = None
     build: Callable[[BuildContext], Mapping[str, Any] | None]
 
     def reads(self, cfg: PipelineConfig) -> tuple[str, ...]:
@@ -221,7 +225,8 @@ def _build_eps_model(ctx: BuildContext) -> dict[str, Any]:
     from wsss_tune.stages import eps
 
     model = eps.train_eps(ctx.cfg, out_dir=ctx.work, reporter=ctx.reporter, device=ctx.device)
-    shutil.copy2(model, ctx.out / eps.MODEL_FILE)
+    if Path(model).resolve() != (ctx.out / eps.MODEL_FILE).resolve():  # run_eps trains in its output folder
+        shutil.copy2(model, ctx.out / eps.MODEL_FILE)
     # The final per-class overlap ratios (DESIGN.md §4: the quickest diagnostic) and losses.
     return _summary(ctx.work, eps.SUMMARY_FILE, "eps")
 
@@ -312,6 +317,60 @@ def _build_deeplab(ctx: BuildContext) -> dict[str, Any]:
     return metrics
 
 
+# --------------------------------------------------------------------------------------------------
+# Cost models (``plan``): (training seconds, other seconds, detail) of one complete build, from the
+# measured per-unit times (``analysis.plan.StageTimings``) and the dataset sizes (``DatasetSizes``)
+# --------------------------------------------------------------------------------------------------
+
+Cost = tuple[float, float, str]
+
+
+def _passes(scales: Sequence[float], flip: bool) -> int:
+    return len(scales) * (2 if flip else 1)
+
+
+def _evals(iterations: int, every: int) -> int:
+    return iterations // every if every > 0 else 0
+
+
+def _cost_eps_model(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
+    e = cfg.eps
+    passes, evals = _passes(e.cam_scales, e.cam_flip), _evals(e.iterations, e.eval_every)
+    return (e.iterations * t.eps_step, evals * e.eval_images * passes * t.eps_forward,
+            f"{e.iterations} steps x {t.eps_step:.3g} s + {evals} evals x {e.eval_images} images x {passes} passes")
+
+
+def _cost_eps(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
+    passes = _passes(cfg.eps.cam_scales, cfg.eps.cam_flip)
+    return (0.0, sizes.masks * passes * t.eps_forward,
+            f"{sizes.masks} images x {passes} passes x {t.eps_forward:.3g} s")
+
+
+def _cost_affinity(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
+    from wsss_tune.stages.affinity import max_steps
+
+    steps = max_steps(cfg.affinity, sizes.train)
+    return (steps * t.affinity_step, sizes.masks * t.affinity_forward,
+            f"{steps} steps x {t.affinity_step:.3g} s + {sizes.masks} images x {t.affinity_forward:.3g} s")
+
+
+def _cost_rw(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
+    return (0.0, sizes.masks * t.rw_image, f"{sizes.masks} images x {t.rw_image:.3g} s")
+
+
+def _cost_deeplab_model(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
+    d = cfg.deeplab
+    passes, evals = _passes(d.test_scales, d.test_flip), _evals(d.iterations, d.eval_every)
+    return (d.iterations * t.deeplab_step, evals * d.eval_images * passes * t.deeplab_forward,
+            f"{d.iterations} steps x {t.deeplab_step:.3g} s + {evals} evals x {d.eval_images} images x {passes} passes")
+
+
+def _cost_deeplab(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
+    passes = _passes(cfg.deeplab.test_scales, cfg.deeplab.test_flip)
+    return (0.0, sizes.val * passes * t.deeplab_forward,
+            f"{sizes.val} val images x {passes} passes x {t.deeplab_forward:.3g} s")
+
+
 def _cam_drops(cfg: PipelineConfig) -> tuple[str, ...]:
     """A plain-CAM model has no saliency loss: tau and lam do not change it (the CAM baseline is shared)."""
     return SALIENCY_FIELDS if cfg.eps.method == "cam" else ()
@@ -328,28 +387,30 @@ GRAPH: tuple[ArtifactSpec, ...] = (
     ArtifactSpec(name="eps_model", stage="eps", section="eps", infer_fields=EPS_INFER_FIELDS, drop_fields=_cam_drops,
                  data_fields=(*_TRAIN_DATA, "saliency_dir"), fingerprint=("train_split",),
                  fingerprint_masks=lambda cfg: cfg.data.label_source == "masks", seeded=True, trains=True,
-                 fidelity=True, build=_build_eps_model),
+                 fidelity=True, cost=_cost_eps_model, build=_build_eps_model),
     ArtifactSpec(name="eps", stage="eps", section="eps", upstream=("eps_model",), train_fields=(),
                  infer_fields=EPS_INFER_FIELDS, data_fields=(*_EVAL_DATA, "train_split", "mask_eval_split"),
                  fingerprint=("train_split", "mask_eval_split"),
-                 metric=Metric(prefix="eps", label="EPS", split_field="mask_eval_split"), build=_build_eps),
+                 metric=Metric(prefix="eps", label="EPS", split_field="mask_eval_split"), cost=_cost_eps, build=_build_eps),
     ArtifactSpec(name="affinity", stage="affinity", section="affinity", upstream=("eps_model", "eps"),
-                 data_fields=_TRAIN_DATA, seeded=True, trains=True, build=_build_affinity),
+                 data_fields=_TRAIN_DATA, seeded=True, trains=True, cost=_cost_affinity, build=_build_affinity),
     ArtifactSpec(name="rw", stage="affinity", section="rw", upstream=("eps", "affinity"),
                  data_fields=(*_EVAL_DATA, "mask_eval_split"),
-                 metric=Metric(prefix="rw", label="refined", split_field="mask_eval_split"), build=_build_rw),
+                 metric=Metric(prefix="rw", label="refined", split_field="mask_eval_split"), cost=_cost_rw, build=_build_rw),
     ArtifactSpec(name="deeplab_model", stage="deeplab", section="deeplab", dynamic_upstream=_mask_upstream,
                  infer_fields=DEEPLAB_INFER_FIELDS, drop_fields=lambda cfg: ("mask_source",),
                  data_fields=_TRAIN_DATA, fingerprint=("train_split",),
                  fingerprint_masks=lambda cfg: cfg.deeplab.mask_source == "gt", seeded=True, extra_key=_mask_key,
-                 trains=True, fidelity=True, report_as="deeplab", build=_build_deeplab_model),
+                 trains=True, fidelity=True, report_as="deeplab", cost=_cost_deeplab_model, build=_build_deeplab_model),
     ArtifactSpec(name="deeplab", stage="deeplab", section="deeplab", upstream=("deeplab_model",), train_fields=(),
                  infer_fields=DEEPLAB_INFER_FIELDS, data_fields=(*_EVAL_DATA, "val_split"), fingerprint=("val_split",),
-                 metric=Metric(prefix="deeplab", label="DeepLab", split_field="val_split"), build=_build_deeplab),
+                 metric=Metric(prefix="deeplab", label="DeepLab", split_field="val_split"), cost=_cost_deeplab, build=_build_deeplab),
 )
 #: Metrics of side artifacts that report to no scheduler (the plain-CAM baseline of ``run.cam_baseline``),
 #: as (column label, metric prefix), placed before the stage they belong to.
 SIDE_METRICS: dict[str, tuple[str, str]] = {"eps": ("CAM", "cam")}
+#: The plain-CAM baseline: the EPS stage's artifacts built for ``eps.method: cam``, recorded under these names.
+CAM_BASELINE: dict[str, str] = {"eps_model": "cam_model", "eps": "cam"}
 
 _extra: list[ArtifactSpec] = []
 

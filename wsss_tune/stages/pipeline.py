@@ -169,8 +169,8 @@ class PipelineRun:
         else:
             cam_cfg = apply_overrides(self.cfg, {"eps.method": "cam"})
             names = graph.needed_artifacts(cam_cfg, ("eps",))
-            self.build(names, cfg=cam_cfg, labels={"eps_model": "cam_model", "eps": "cam"}, quiet=True)
-            scores = self.side_metrics["cam"]
+            self.build(names, cfg=cam_cfg, labels=graph.CAM_BASELINE, quiet=True)
+            scores = self.side_metrics[graph.CAM_BASELINE["eps"]]
         self.metrics.update({"cam" + k[len("eps"):]: v for k, v in scores.items() if k.startswith("eps_miou")})
 
     def run(self, stages: Sequence[str]) -> dict[str, Any]:
