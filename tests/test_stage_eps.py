@@ -312,3 +312,15 @@ def test_eps_pseudo_masks_beat_cam_pseudo_masks(tmp_path_factory, one_thread):
     overlaps = {k: v for k, v in eps.items() if k.startswith("eps/overlap/")}
     assert len(overlaps) == 5 and min(overlaps.values()) > 0.1
     assert cam["eps_method"] == "cam" and not any(k.startswith("eps/overlap/") for k in cam)
+
+
+def test_log_window_reads_a_checkpoint_written_before_the_shared_window():
+    """An EPS checkpoint's log window in the older form (loss/cls/sal sums and a step count) resumes
+    as the same running means."""
+    from wsss_tune.stages.eps import _LogWindow
+
+    window = _LogWindow(["a", "b"])
+    fresh = window.state()
+    window.load({"steps": 4, "loss": 2.0, "cls": 1.2, "sal": 0.8, "overlap_sum": fresh["overlap_sum"],
+                 "overlap_count": fresh["overlap_count"]})
+    assert window.summary() == pytest.approx({"eps/loss": 0.5, "eps/loss_cls": 0.3, "eps/loss_sal": 0.2})

@@ -238,6 +238,11 @@ class _LogWindow(LogWindow):
         return {**super().state(), "overlap_sum": self.overlap_sum, "overlap_count": self.overlap_count}
 
     def load(self, state: Mapping[str, Any]) -> None:
+        if "sums" not in state and "steps" in state:  # a checkpoint written before the shared window
+            sums = {"eps/loss": float(state["loss"]), "eps/loss_cls": float(state["cls"])}
+            if float(state["sal"]):
+                sums["eps/loss_sal"] = float(state["sal"])
+            state = {**state, "sums": sums, "count": int(state["steps"])}
         super().load(state)
         self.overlap_sum = state["overlap_sum"].clone()
         self.overlap_count = state["overlap_count"].clone()
