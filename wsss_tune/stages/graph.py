@@ -76,6 +76,8 @@ __all__ = [
     "key_parts",
     "metric_columns",
     "fidelity_artifact",
+    "mask_dir",
+    "replace",
 ]
 
 #: Fields that never change an artifact (logging, evaluation and checkpoint cadence, data loading).
@@ -115,7 +117,6 @@ class BuildContext:
     work: Path
     reporter: Any
     device: Any = None
-    mask_dir: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
