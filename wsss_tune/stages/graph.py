@@ -330,15 +330,16 @@ def _passes(scales: Sequence[float], flip: bool) -> int:
     return len(scales) * (2 if flip else 1)
 
 
-def _evals(iterations: int, every: int) -> int:
-    return iterations // every if every > 0 else 0
+def _training_cost(section: Any, passes: int, step_s: float, forward_s: float) -> Cost:
+    """A trained model: its steps plus its periodic evaluations (``eval_images`` x ``passes`` forwards)."""
+    n, every, images = section.iterations, section.eval_every, section.eval_images
+    evals = n // every if every > 0 else 0
+    return (n * step_s, evals * images * passes * forward_s,
+            f"{n} steps x {step_s:.3g} s + {evals} evals x {images} images x {passes} passes")
 
 
 def _cost_eps_model(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
-    e = cfg.eps
-    passes, evals = _passes(e.cam_scales, e.cam_flip), _evals(e.iterations, e.eval_every)
-    return (e.iterations * t.eps_step, evals * e.eval_images * passes * t.eps_forward,
-            f"{e.iterations} steps x {t.eps_step:.3g} s + {evals} evals x {e.eval_images} images x {passes} passes")
+    return _training_cost(cfg.eps, _passes(cfg.eps.cam_scales, cfg.eps.cam_flip), t.eps_step, t.eps_forward)
 
 
 def _cost_eps(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
@@ -361,9 +362,7 @@ def _cost_rw(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
 
 def _cost_deeplab_model(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
     d = cfg.deeplab
-    passes, evals = _passes(d.test_scales, d.test_flip), _evals(d.iterations, d.eval_every)
-    return (d.iterations * t.deeplab_step, evals * d.eval_images * passes * t.deeplab_forward,
-            f"{d.iterations} steps x {t.deeplab_step:.3g} s + {evals} evals x {d.eval_images} images x {passes} passes")
+    return _training_cost(d, _passes(d.test_scales, d.test_flip), t.deeplab_step, t.deeplab_forward)
 
 
 def _cost_deeplab(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
