@@ -29,7 +29,6 @@ from wsss_tune.spaces import Fidelity, Param, SearchSpace
 from wsss_tune.stages import graph
 
 __all__ = [
-    "ARTIFACTS",
     "StageTimings",
     "DatasetSizes",
     "ArtifactCost",
@@ -47,9 +46,6 @@ __all__ = [
     "plan",
 ]
 
-#: Stage artifacts of the built-in graph in pipeline order (:mod:`wsss_tune.stages.graph`; the
-#: functions below read the graph at call time).
-ARTIFACTS: tuple[str, ...] = graph.artifact_names()
 #: Seconds in an hour.
 _HOUR = 3600.0
 #: Optimiser steps and warm-up steps :func:`time_stages` runs per stage by default: enough for a
@@ -111,7 +107,7 @@ class ArtifactCost:
     """One stage artifact in the estimate.
 
     Attributes:
-        artifact: name (:data:`ARTIFACTS`).
+        artifact: name (an artifact of :mod:`wsss_tune.stages.graph`).
         seconds: device-seconds of one complete build.
         builds: expected number of builds in the sweep (fractional: an expectation).
         work_fraction: share of a build's work a trial does on average (ASHA; 1 without it).

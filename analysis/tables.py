@@ -339,29 +339,20 @@ def stopped_table(exp: ExperimentResult, trials: Table | None = None) -> Table:
 def load_study(exp: ExperimentResult) -> Any:
     """The experiment's Optuna study, or None when it has none.
 
-    The storage URL recorded in ``experiment.json`` is tried with the file looked up in the
-    experiment folder first, so a moved folder still finds its study.
+    The record resolves the study's file inside the experiment folder it was read from, so a copied
+    or moved folder reads its own study (never the original's).
     """
     import optuna
 
     study = exp.record.study
     if study is None or not study.storage or not study.name:
         return None
-    url, name = study.storage, study.name
-    candidates = []
-    if url.startswith("sqlite:///"):
-        local = exp.path / Path(url[len("sqlite:///"):]).name
-        if local.is_file():
-            candidates.append(f"sqlite:///{local}")
-        elif not Path(url[len("sqlite:///"):]).is_file():
-            return None
-    candidates.append(url)
-    for candidate in candidates:
-        try:
-            return optuna.load_study(study_name=name, storage=candidate)
-        except KeyError:
-            continue
-    return None
+    if study.storage.startswith("sqlite:///") and not Path(study.storage[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        return optuna.load_study(study_name=study.name, storage=study.storage)
+    except KeyError:  # the file holds no study of that name
+        return None
 
 
 def _fanova_available() -> bool:

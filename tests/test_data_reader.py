@@ -299,3 +299,21 @@ def test_datasets_fail_early_with_clear_errors(synth_copy: Path) -> None:
     assert err.value.kind == "missing_label"
     with pytest.raises(DataError, match="no image ids"):
         SegmentationDataset(layout, [], transform=to_tensors)
+
+
+def test_fingerprint_without_masks_ignores_the_ground_truth(synth_copy: Path) -> None:
+    """``masks=False`` (what image-label training reads): a GT mask that changes, or another mask
+    folder, leaves it as it was; the default fingerprint changes. With ``label_source="masks"`` the
+    masks are the labels and always count."""
+    layout = VOCLayout(root=synth_copy)
+    split = ["train_aug"]
+    no_masks, full = layout.fingerprint(split, masks=False), layout.fingerprint(split)
+    mask = layout.mask_path(layout.split_ids("train_aug")[0])
+    mask.write_bytes(mask.read_bytes() + b"\0")
+    layout = VOCLayout(root=synth_copy)
+    assert layout.fingerprint(split, masks=False) == no_masks
+    assert layout.fingerprint(split) != full
+    other_dir = VOCLayout(root=synth_copy, mask_dir="Elsewhere")
+    assert other_dir.fingerprint(split, masks=False) == no_masks
+    by_masks = VOCLayout(root=synth_copy, label_source="masks")
+    assert by_masks.fingerprint(split, masks=False) == by_masks.fingerprint(split)

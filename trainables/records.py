@@ -17,7 +17,7 @@ experiment folders live on shared storage, so this module never unpickles anythi
 warning; the others still give every trial they know.
 
 A resumed sweep continues an interrupted search trial under a new Ray trial id (the study records
-every id a search trial ran under, user attribute :data:`ATTEMPTS_ATTR`); its row carries the latest
+every id a search trial ran under, user attribute :data:`~trainables.search.ATTEMPTS_ATTR`); its row carries the latest
 id, with the earlier ones in ``resumed_from``, whose reports stay in ``reports.parquet``.
 """
 
@@ -44,7 +44,7 @@ from wsss_tune.analysis.results import (
 )
 
 from .reporter import FINAL_KEY
-from .search import ATTEMPTS_ATTR, RAY_TRIAL_ATTR, STUDY_FILE
+from .search import STUDY_FILE, attempts_of
 from .trainable import SETTINGS_KEY
 
 __all__ = ["RayTrialState", "ray_trial_states", "trial_folders", "open_study", "collect_results"]
@@ -197,15 +197,6 @@ def open_study(record: ExperimentRecord) -> Any:
     except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ResultsError(f"{path}: the experiment's Optuna study is unreadable ({text})") from None
-
-
-def attempts_of(frozen: Any) -> list[str]:
-    """The Ray trial ids a search trial ran under, oldest first."""
-    ids = frozen.user_attrs.get(ATTEMPTS_ATTR)
-    if isinstance(ids, list) and all(isinstance(i, str) for i in ids) and ids:
-        return list(ids)
-    one = frozen.user_attrs.get(RAY_TRIAL_ATTR)
-    return [one] if isinstance(one, str) else []
 
 
 def _finite(value: Any) -> bool:

@@ -47,7 +47,7 @@ from wsss_tune.spaces import SearchSpace, SpaceError
 
 from .reporter import FINAL_KEY
 
-__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA",
+__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA", "attempts_of",
            "optuna_distributions", "resume_plan", "study_storage"]
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class ResumePlan:
     finished: int
 
 
-def _attempts(frozen: Any) -> tuple[str, ...]:
+def attempts_of(frozen: Any) -> tuple[str, ...]:
+    """The Ray trial ids a search trial (an Optuna trial) ran under, oldest first."""
     ids = frozen.user_attrs.get(ATTEMPTS_ATTR)
     if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
         return tuple(ids)
@@ -140,11 +141,11 @@ def resume_plan(study: optuna.Study, *, requested: int, rerun_failed: bool = Fal
     failed = [t for t in trials if t.state == TrialState.FAIL] if rerun_failed else []
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials) - len(failed)
     remaining = max(0, requested - finished)
-    continued = tuple(Continue(number=t.number, storage_id=t._trial_id, attempts=_attempts(t))
+    continued = tuple(Continue(number=t.number, storage_id=t._trial_id, attempts=attempts_of(t))
                       for t in running[:remaining])
     for extra in running[remaining:]:  # more running than the search asked for (cannot happen unless edited)
         study.tell(extra.number, state=TrialState.FAIL)
-    rerun = tuple((dict(t.params), _attempts(t)) for t in failed[: max(0, remaining - len(continued))])
+    rerun = tuple((dict(t.params), attempts_of(t)) for t in failed[: max(0, remaining - len(continued))])
     return ResumePlan(continued=continued, rerun=rerun, num_samples=remaining, finished=finished)
 
 
@@ -187,7 +188,7 @@ class FidelitySearch(OptunaSearch):
             config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if config is not None and ot_trial is not None:
-            attempts = [i for i in _attempts(ot_trial.storage.get_trial(ot_trial._trial_id)) if i != trial_id]
+            attempts = [i for i in attempts_of(ot_trial.storage.get_trial(ot_trial._trial_id)) if i != trial_id]
             ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
             ot_trial.set_user_attr(ATTEMPTS_ATTR, [*attempts, trial_id])
         return config
