@@ -60,6 +60,10 @@ from wsss_tune.stages import graph
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
+    "SEED_PARAM",
+    "RESEED_PHASE",
+    "config_key",
+    "seed_rows",
     "SWEEP_FILE",
     "TRIALS_FILE",
     "REPORTS_FILE",
@@ -73,6 +77,9 @@ __all__ = [
     "WandbRecord",
     "ResourcesRecord",
     "TrialSummary",
+    "PhaseRecord",
+    "ReseedRecord",
+    "SeedRow",
     "OutcomeRecord",
     "ExperimentRecord",
     "TrialRecord",
@@ -104,7 +111,7 @@ STATUSES = ("completed", "pruned", "failed", "incomplete")
 #: Prefix of the searched-value columns of ``trials.parquet`` (``config/eps.tau``, as Ray names them).
 PARAM_PREFIX = "config/"
 #: Fixed columns of ``trials.parquet`` (metrics take the other columns).
-_TRIAL_COLUMNS = ("trial_id", "status", "error", "reference", "run_dir", "reports", "seconds",
+_TRIAL_COLUMNS = ("trial_id", "phase", "status", "error", "reference", "run_dir", "reports", "seconds",
                   "resumed_from")
 #: Relative tolerance when matching a trial's values to the reference point (floats pass through
 #: Optuna and JSON exactly, so this only absorbs representation noise).
@@ -403,6 +410,108 @@ class ResourcesRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PhaseRecord:
+    """One search of a multi-phase experiment: a stage of a cascade, the joint search, or the seed
+    re-runs. Each has its own Optuna study in the experiment's storage.
+
+    Attributes:
+        name: ``search`` (a joint search), a stage name (a cascade's stage search) or ``reseed``.
+        study: The Optuna study name.
+        metric: The metric this phase optimises (its stage's tune metric).
+        stages: The pipeline stages its trials run.
+        space: The phase's search space in its YAML form (``space_from_dict`` reads it back).
+        requested: Trials asked for (with a step budget: at most this many).
+        step_budget: Training steps of the phase's stage the search may spend (None: count trials).
+        frozen: Values fixed from the phases before (the best of each), known once the phase starts.
+        points: The re-runs' configs (``reseed``: full values plus ``run.seed``), known once it starts.
+        done: The phase's search ended (its budget spent); a resume skips it.
+    """
+
+    name: str
+    study: str
+    metric: str
+    stages: tuple[str, ...] = ()
+    space: Mapping[str, Any] = field(default_factory=dict)
+    requested: int = 0
+    step_budget: int | None = None
+    frozen: Mapping[str, Any] = field(default_factory=dict)
+    points: tuple[Mapping[str, Any], ...] = ()
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "study": self.study, "metric": self.metric, "stages": list(self.stages),
+                "space": dict(self.space), "requested": self.requested, "step_budget": self.step_budget,
+                "frozen": dict(self.frozen), "points": [dict(p) for p in self.points], "done": self.done}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], where: str) -> PhaseRecord:
+        w = f"{where}."
+        return cls(name=_get(doc, "name", "text", where=w), study=_get(doc, "study", "text", where=w),
+                   metric=_get(doc, "metric", "text", where=w),
+                   stages=tuple(_get({"s": s}, "s", "text", where=w + "stages.")
+                                for s in _get(doc, "stages", "a list", where=w, default=())),
+                   space=_plain(_get(doc, "space", "an object", where=w, default={})),
+                   requested=_get(doc, "requested", "an integer", where=w, default=0),
+                   step_budget=_get(doc, "step_budget", "an integer", where=w, default=None),
+                   frozen=_plain(_get(doc, "frozen", "an object", where=w, default={})),
+                   points=tuple(_plain(_get({"p": p}, "p", "an object", where=w + "points."))
+                                for p in _get(doc, "points", "a list", where=w, default=())),
+                   done=_get(doc, "done", "true or false", where=w, default=False))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReseedRecord:
+    """The seed re-runs after a search: the ``top_k`` configs and the reference, each with ``seeds``
+    more values of ``run.seed``; ``configs`` are further named settings run the same way for
+    comparison (label -> values of the searched parameters), never chosen as the winner."""
+
+    top_k: int = 3
+    seeds: int = 2
+    configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "seeds": self.seeds, "configs": {k: dict(v) for k, v in self.configs.items()}}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ReseedRecord:
+        return cls(top_k=_get(doc, "top_k", "an integer", where="reseed.", default=3),
+                   seeds=_get(doc, "seeds", "an integer", where="reseed.", default=2),
+                   configs=_plain(_get(doc, "configs", "an object", where="reseed.", default={})))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeedRow:
+    """One config of the seed re-runs: its runs' tune and held-out metric, mean and sample std."""
+
+    label: str
+    params: Mapping[str, Any]
+    trials: tuple[str, ...]
+    seeds: tuple[int, ...]
+    tune_mean: float | None = None
+    tune_std: float | None = None
+    heldout_mean: float | None = None
+    heldout_std: float | None = None
+    winner: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "params": dict(self.params), "trials": list(self.trials), "seeds": list(self.seeds),
+                "tune_mean": self.tune_mean, "tune_std": self.tune_std, "heldout_mean": self.heldout_mean,
+                "heldout_std": self.heldout_std, "winner": self.winner}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> SeedRow:
+        w = "seeds."
+        return cls(label=_get(doc, "label", "text", where=w), params=_plain(_get(doc, "params", "an object", where=w)),
+                   trials=tuple(_get(doc, "trials", "a list", where=w, default=())),
+                   seeds=tuple(_get(doc, "seeds", "a list", where=w, default=())),
+                   tune_mean=_get(doc, "tune_mean", "a number", where=w, default=None),
+                   tune_std=_get(doc, "tune_std", "a number", where=w, default=None),
+                   heldout_mean=_get(doc, "heldout_mean", "a number", where=w, default=None),
+                   heldout_std=_get(doc, "heldout_std", "a number", where=w, default=None),
+                   winner=_get(doc, "winner", "true or false", where=w, default=False))
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrialSummary:
     """The best or the reference trial as ``experiment.json`` names it (its values keyed by the
     metric names on disk)."""
@@ -442,6 +551,12 @@ class OutcomeRecord:
     best: TrialSummary | None = None
     reference: TrialSummary | None = None
     gain_over_reference: float | None = None
+    #: The same gain on the held-out half (completed values only, as the tune gain).
+    gain_over_reference_heldout: float | None = None
+    #: The seed re-runs, one row per config (empty without them); the winner is chosen by mean tune metric.
+    seeds: tuple[SeedRow, ...] = ()
+    #: Pooled seed standard deviation of the held-out metric over the re-run configs (None without them).
+    seed_spread: float | None = None
     files: Mapping[str, str] = field(default_factory=dict)
     #: Problems met while gathering the results (damaged sources that were skipped).
     warnings: tuple[str, ...] = ()
@@ -454,6 +569,9 @@ class OutcomeRecord:
             "best": self.best.to_dict(metric, heldout) if self.best is not None else None,
             "reference": self.reference.to_dict(metric, heldout) if self.reference is not None else None,
             "gain_over_reference": self.gain_over_reference,
+            "gain_over_reference_heldout": self.gain_over_reference_heldout,
+            "seeds": [r.to_dict() for r in self.seeds],
+            "seed_spread": self.seed_spread,
             "files": dict(self.files),
             "warnings": list(self.warnings),
             "updated": self.updated,
@@ -471,6 +589,9 @@ class OutcomeRecord:
             best=TrialSummary.from_dict(best, metric, heldout, "best") if best is not None else None,
             reference=TrialSummary.from_dict(ref, metric, heldout, "reference") if ref is not None else None,
             gain_over_reference=_get(doc, "gain_over_reference", "a number", default=None),
+            gain_over_reference_heldout=_get(doc, "gain_over_reference_heldout", "a number", default=None),
+            seeds=tuple(SeedRow.from_dict(r) for r in _get(doc, "seeds", "a list", default=())),
+            seed_spread=_get(doc, "seed_spread", "a number", default=None),
             files=dict(_get(doc, "files", "an object", default={})),
             warnings=tuple(_get({"warnings": w}, "warnings", "text") for w in _get(doc, "warnings", "a list", default=())),
             updated=_get(doc, "updated", "text", default=None),
@@ -520,6 +641,12 @@ class ExperimentRecord:
     #: The trials' ``TrialSettings`` in their dict form (``TrialSettings.from_dict`` reads it).
     settings: Mapping[str, Any] | None = None
     created: str | None = None
+    #: ``joint`` (one search over every parameter) or ``cascade`` (one search per stage, in order).
+    search_mode: str = "joint"
+    #: The searches of the experiment in order (empty: one joint search, study :attr:`study`).
+    phases: tuple[PhaseRecord, ...] = ()
+    #: The seed re-runs after the search (None: none).
+    reseed: ReseedRecord | None = None
     #: What came of the sweep (``experiment.json``); None in ``sweep.json``.
     outcome: OutcomeRecord | None = None
 
@@ -575,6 +702,9 @@ class ExperimentRecord:
             "max_concurrent": self.max_concurrent,
             "settings": self.settings,
             "created": self.created,
+            "search_mode": self.search_mode,
+            "phases": [p.to_dict() for p in self.phases],
+            "reseed": self.reseed.to_dict() if self.reseed is not None else None,
         }
         if self.outcome is not None:
             out.update(self.outcome.to_dict(self.metric, self.heldout_metric))
@@ -617,6 +747,10 @@ class ExperimentRecord:
             max_concurrent=_get(doc, "max_concurrent", "an integer", default=None),
             settings=_plain(settings) if settings is not None else None,
             created=_get(doc, "created", "text", default=None),
+            search_mode=_get(doc, "search_mode", "text", default="joint"),
+            phases=tuple(PhaseRecord.from_dict(p, f"phases[{i}]")
+                         for i, p in enumerate(_get(doc, "phases", "a list", default=()))),
+            reseed=ReseedRecord.from_dict(doc["reseed"]) if _section(doc, "reseed") is not None else None,
             outcome=OutcomeRecord.from_dict(doc, metric, heldout) if "counts" in doc else None,
         )
 
@@ -661,6 +795,8 @@ class TrialRecord:
     #: Ray trial ids of earlier attempts of the same search trial (an interrupted trial that a
     #: resume continued under a new id); their reports stay in ``reports.parquet`` under those ids.
     resumed_from: tuple[str, ...] = ()
+    #: The search the trial belongs to (:attr:`PhaseRecord.name`; empty for a one-search experiment).
+    phase: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -704,7 +840,9 @@ def _complete(counts: Mapping[str, int], requested: int) -> bool:
 
 
 def _gain(best: TrialRecord | None, reference: TrialRecord | None, metric: str, mode: str) -> float | None:
-    if best is None or reference is None:
+    """Best minus reference ``metric`` (positive = better), from completed trials only: a pruned
+    reference holds a truncated value and a failed one none, so either gives no gain."""
+    if best is None or reference is None or best.status != "completed" or reference.status != "completed":
         return None
     b, r = best.value(metric), reference.value(metric)
     if b is None or r is None:
@@ -718,6 +856,78 @@ def find_reference(trials: Sequence[TrialRecord], point: Mapping[str, Any]) -> T
         if point and all(k in t.params and _same(t.params[k], v) for k, v in point.items()):
             return t
     return None
+
+
+#: The config field the seed re-runs vary, and the phase that holds them.
+SEED_PARAM = "run.seed"
+RESEED_PHASE = "reseed"
+
+
+def config_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A hashable key of a config's values, ``run.seed`` left out (floats to 12 significant digits)."""
+    def norm(v: Any) -> Any:
+        if isinstance(v, float) and math.isfinite(v):
+            return float(f"{v:.12g}")
+        return v if isinstance(v, str | int | bool | type(None)) else json.dumps(v, default=str)
+
+    return tuple(sorted((k, norm(v)) for k, v in params.items() if k != SEED_PARAM))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def seed_rows(trials: Sequence[TrialRecord], record: ExperimentRecord) -> tuple[tuple[SeedRow, ...], float | None]:
+    """The seed re-runs, one row per config (the experiment's metric, tune and held-out halves), and the
+    pooled seed spread (root mean of the configs' held-out variances; None with fewer than two runs).
+
+    A config's runs are its completed trials with the metric in the last search and in the re-runs,
+    matched by their values (``run.seed`` aside; a trial without it ran the base config's seed). The
+    winner is the best mean tune metric among the searched configs and the reference; the comparison
+    configs of :attr:`ReseedRecord.configs` are shown, never chosen. Empty without re-runs.
+    """
+    if record.reseed is None or not any(t.phase == RESEED_PHASE for t in trials):
+        return (), None
+    metric, heldout = record.metric, record.heldout_metric
+    base_seed = int(((record.base_config or {}).get("run") or {}).get("seed") or 0)
+    keys: list[tuple[tuple[str, Any], ...]] = []
+    for t in trials:
+        if t.phase == RESEED_PHASE and config_key(t.params) not in keys:
+            keys.append(config_key(t.params))
+    labels: dict[Any, str] = {}
+    ref_key = config_key(record.reference_point)
+    labels[ref_key] = "reference"
+    for name, values in record.reseed.configs.items():
+        labels.setdefault(config_key(values), name)
+    compare = {config_key(v) for v in record.reseed.configs.values()} - {ref_key}
+    rank = 0
+    rows: list[SeedRow] = []
+    for key in keys:
+        runs = [t for t in trials if t.status == "completed" and t.value(metric) is not None
+                and config_key(t.params) == key]
+        if key not in labels:
+            rank += 1
+        label = labels.get(key, f"searched #{rank}")
+        tune_mean, tune_std = _mean_std([t.value(metric) for t in runs])  # type: ignore[misc]
+        held = [t.value(heldout) for t in runs if t.value(heldout) is not None]
+        held_mean, held_std = _mean_std(held)  # type: ignore[arg-type]
+        params = dict(key)
+        rows.append(SeedRow(label=label, params=params, trials=tuple(t.trial_id for t in runs),
+                            seeds=tuple(int(t.params.get(SEED_PARAM, base_seed)) for t in runs),
+                            tune_mean=tune_mean, tune_std=tune_std, heldout_mean=held_mean, heldout_std=held_std))
+    sign = 1.0 if record.mode == "max" else -1.0
+    eligible = [i for i, (r, k) in enumerate(zip(rows, keys, strict=True)) if k not in compare and r.tune_mean is not None]
+    if eligible:
+        win = max(eligible, key=lambda i: sign * rows[i].tune_mean)  # type: ignore[operator]
+        rows[win] = dataclasses.replace(rows[win], winner=True)
+    variances = [r.heldout_std ** 2 for r in rows if r.heldout_std is not None]
+    spread = math.sqrt(sum(variances) / len(variances)) if variances else None
+    return tuple(rows), spread
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -783,8 +993,19 @@ class ExperimentResult:
 
     @property
     def gain_over_reference(self) -> float | None:
-        """Best minus reference tune metric (sign follows ``mode``: positive = better); None if unknown."""
-        return _gain(self.best, self.reference, self.metric, self.mode)
+        """Best minus reference tune metric (sign follows ``mode``: positive = better), from completed
+        values only (with seed re-runs: the difference of their means); None if unknown."""
+        return self.outcome.gain_over_reference
+
+    @property
+    def gain_over_reference_heldout(self) -> float | None:
+        """The same on the held-out half."""
+        return self.outcome.gain_over_reference_heldout
+
+    @property
+    def seeds(self) -> tuple[SeedRow, ...]:
+        """The seed re-runs, one row per config (empty without them)."""
+        return self.outcome.seeds
 
     def trial(self, trial_id: str) -> TrialRecord:
         for t in self.trials:
@@ -852,7 +1073,8 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
 def _trial_row(t: TrialRecord, exp_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status, "error": t.error, "reference": t.reference,
                            "run_dir": _relative(t.run_dir, exp_dir) if t.run_dir else "", "reports": t.reports,
-                           "seconds": t.seconds, "resumed_from": ",".join(t.resumed_from) or None}
+                           "seconds": t.seconds, "resumed_from": ",".join(t.resumed_from) or None,
+                           "phase": t.phase or None}
     row.update({PARAM_PREFIX + k: v for k, v in t.params.items()})
     row.update({k: v for k, v in t.metrics.items() if k not in row})
     return row
@@ -884,16 +1106,33 @@ def write_experiment(
     trials = [dataclasses.replace(t, reference=ref is not None and t.trial_id == ref.trial_id) for t in trials]
     best = pick_best(trials, metric, mode)
     ref = next((t for t in trials if t.reference), None)
+    gain, gain_heldout = _gain(best, ref, metric, mode), _gain(best, ref, heldout, mode)
+    seeds, spread = seed_rows(trials, record)
+    winner = next((r for r in seeds if r.winner), None)
+    if winner is not None:  # the seed re-runs decide: the winner by mean, gains as differences of means
+        by_id = {t.trial_id: t for t in trials}
+        best = by_id[winner.trials[0]]
+        ref_row = next((r for r in seeds if r.label == "reference"), None)
+        sign = 1.0 if mode == "max" else -1.0
+        gain = gain_heldout = None
+        if ref_row is not None and winner.tune_mean is not None and ref_row.tune_mean is not None:
+            gain = sign * (winner.tune_mean - ref_row.tune_mean)
+        if ref_row is not None and winner.heldout_mean is not None and ref_row.heldout_mean is not None:
+            gain_heldout = sign * (winner.heldout_mean - ref_row.heldout_mean)
     counts = {s: sum(t.status == s for t in trials) for s in STATUSES}
     counts["total"] = len(trials)
     _write_parquet(_table([_trial_row(t, path) for t in trials], first=_TRIAL_COLUMNS), path / TRIALS_FILE)
     _write_parquet(_table(reports, first=("trial_id",)), path / REPORTS_FILE)
     outcome = OutcomeRecord(
         counts=counts,
-        complete=_complete(counts, record.requested),
+        complete=_complete(counts, record.requested) if not record.phases
+        else all(p.done for p in record.phases) and not counts["failed"] and not counts["incomplete"],
         best=TrialSummary.of(best, metric, heldout) if best is not None else None,
         reference=TrialSummary.of(ref, metric, heldout) if ref is not None else None,
-        gain_over_reference=_gain(best, ref, metric, mode),
+        gain_over_reference=gain,
+        gain_over_reference_heldout=gain_heldout,
+        seeds=seeds,
+        seed_spread=spread,
         files={"trials": TRIALS_FILE, "reports": REPORTS_FILE, "runs": RUNS_DIR},
         warnings=tuple(notes),
         updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -914,7 +1153,8 @@ def _records(table: pa.Table, exp_dir: Path) -> list[TrialRecord]:
                                run_dir=run_dir_in(exp_dir, row.get("run_dir") or "", row["trial_id"]),
                                reference=bool(row.get("reference")), reports=int(row.get("reports") or 0),
                                seconds=row.get("seconds"),
-                               resumed_from=tuple(x for x in (row.get("resumed_from") or "").split(",") if x)))
+                               resumed_from=tuple(x for x in (row.get("resumed_from") or "").split(",") if x),
+                               phase=row.get("phase") or ""))
     return out
 
 

@@ -36,8 +36,12 @@ UNVERSIONED_SWEEP_KEYS = [
     "tune_split", "heldout_split", "stages", "trainable", "requested", "reference_point", "store", "storage",
     "study", "wandb", "resources", "seed", "max_failures", "max_concurrent", "settings", "created",
 ]
+#: Keys added in version 1 since (optional: a record without them reads with their defaults, a
+#: one-search experiment without seed re-runs).
+ADDED_SWEEP_KEYS = ["search_mode", "phases", "reseed"]
 #: The keys ``experiment.json`` added to them.
-OUTCOME_KEYS = ["counts", "complete", "best", "reference", "gain_over_reference", "files", "warnings", "updated"]
+OUTCOME_KEYS = ["counts", "complete", "best", "reference", "gain_over_reference", "gain_over_reference_heldout",
+                "seeds", "seed_spread", "files", "warnings", "updated"]
 
 
 def _record(exp: Path, **changes: Any) -> ExperimentRecord:
@@ -93,7 +97,7 @@ def test_the_record_survives_its_json_round_trip(tmp_path: Path) -> None:
     for record in (_record(exp), _record(exp, outcome=_outcome(exp))):
         doc = json.loads(json.dumps(record.to_json(exp)))
         assert next(iter(doc)) == "version" and doc["version"] == RECORD_VERSION
-        expected = ["version", *UNVERSIONED_SWEEP_KEYS, *(OUTCOME_KEYS if record.outcome else [])]
+        expected = ["version", *UNVERSIONED_SWEEP_KEYS, *ADDED_SWEEP_KEYS, *(OUTCOME_KEYS if record.outcome else [])]
         assert list(doc) == expected
         assert ExperimentRecord.from_json(doc, exp, file=exp / SWEEP_FILE) == record
 
@@ -168,7 +172,7 @@ def test_files_written_before_versioning_read_as_version_1(tmp_path: Path) -> No
     record = _record(made_in)
     # The pre-versioning writers: the record's dict form, with no version (absolute paths, as the
     # oldest folders hold them).
-    sweep_doc = record.to_dict()
+    sweep_doc = {k: v for k, v in record.to_dict().items() if k not in ADDED_SWEEP_KEYS}
     assert "version" not in sweep_doc and list(sweep_doc) == UNVERSIONED_SWEEP_KEYS
     (exp / SWEEP_FILE).write_text(json.dumps(sweep_doc))
     read = load_sweep(exp)

@@ -22,6 +22,7 @@ from wsss_tune.analysis.results import (
     RUNS_DIR,
     SWEEP_FILE,
     ExperimentRecord,
+    ReseedRecord,
     ResourcesRecord,
     StudyRecord,
     WandbRecord,
@@ -130,6 +131,10 @@ def plan_sweep(
     store: str | None = None,
     cache: bool = True,
     tune_checkpoints: bool = True,
+    mode: str = "joint",
+    stage_budgets: Mapping[str, Any] | None = None,
+    reseed: ReseedRecord | None = None,
+    compare: tuple[str, ...] = (),
 ) -> SweepPlan:
     """Validate a sweep without starting Ray (arguments as in :func:`~trainables.sweep.run_sweep`).
 
@@ -139,6 +144,8 @@ def plan_sweep(
     """
     if not isinstance(space, SearchSpace):
         space = load_space(space)
+    if reseed is not None and (reseed.top_k < 0 or reseed.seeds < 0):
+        raise ValueError(f"seed re-runs top_k={reseed.top_k}, seeds={reseed.seeds}: expected >= 0")
     extra = dict(overrides or {})
     if data is not None:
         extra["data.root"] = str(Path(data).expanduser().resolve())
@@ -199,6 +206,16 @@ def plan_sweep(
     )
     reference = space.reference_point()
     num_samples = trials if trials is not None else space.num_samples
+    from .phases import compare_configs, experiment_phases
+
+    if reseed is not None and compare:
+        reseed = dataclasses.replace(reseed, configs=compare_configs(space, compare))
+    elif compare:
+        raise ValueError("--compare-config runs with the seed re-runs; they are off (--reseed-seeds 0 in a joint "
+                         "search)")
+    phases = experiment_phases(space, name=name, mode=mode, trials=trials, budgets=stage_budgets, reseed=reseed)
+    if phases:
+        num_samples = sum(p.requested for p in phases)
     record = ExperimentRecord(
         name=name,
         space_name=space.name,
@@ -223,6 +240,9 @@ def plan_sweep(
         max_concurrent=max_concurrent,
         settings=settings.to_dict(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        search_mode=mode,
+        phases=phases,
+        reseed=reseed if phases else None,
     )
     return SweepPlan(space=space, exp_dir=exp_dir, name=name, num_samples=num_samples, trainable=trainable,
                      settings=settings, reference_point=reference, record=record)

@@ -47,7 +47,7 @@ from .reporter import FINAL_KEY
 from .search import STUDY_FILE, attempts_of
 from .trainable import SETTINGS_KEY
 
-__all__ = ["RayTrialState", "ray_trial_states", "trial_folders", "open_study", "collect_results"]
+__all__ = ["RayTrialState", "ray_trial_states", "trial_folders", "open_study", "open_studies", "collect_results"]
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,9 @@ def _clean(result: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in _RAY_RESULT_NOISE and not isinstance(v, dict | list)}
 
 
-def open_study(record: ExperimentRecord) -> Any:
-    """The experiment's Optuna study (``record``: its ``sweep.json``, read with :func:`load_sweep`).
+def open_study(record: ExperimentRecord, name: str | None = None) -> Any:
+    """The experiment's Optuna study (``record``: its ``sweep.json``, read with :func:`load_sweep`), or
+    the study ``name`` in the same storage (a phase's).
 
     Raises:
         ResultsError: the record names no study, or the study file is missing or unreadable, or holds
@@ -186,17 +187,40 @@ def open_study(record: ExperimentRecord) -> Any:
     study = record.study
     if study is None:
         raise ResultsError(f"the record of experiment {record.name!r} names no Optuna study")
+    name = name or study.name
     path = study.file or Path(study.storage)
     exp_dir = path.parent
     if not path.is_file():
         raise ResultsError(f"{path}: the experiment's Optuna study is missing")
     try:
-        return optuna.load_study(study_name=study.name, storage=study.storage)
+        return optuna.load_study(study_name=name, storage=study.storage)
     except KeyError:
-        raise ResultsError(f"{path}: holds no study named {study.name!r}; {rebuild_hint(exp_dir)}") from None
+        raise ResultsError(f"{path}: holds no study named {name!r}; {rebuild_hint(exp_dir)}") from None
     except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ResultsError(f"{path}: the experiment's Optuna study is unreadable ({text})") from None
+
+
+def open_studies(record: ExperimentRecord) -> dict[str, Any]:
+    """The study of each search of the experiment by phase name (``""`` for a one-search experiment);
+    a phase that never started has none.
+
+    Raises:
+        ResultsError: the study file is unreadable, or the one study of a one-search experiment is missing.
+    """
+    if not record.phases:
+        return {"": open_study(record)}
+    import optuna
+
+    path = record.study.file if record.study is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage=record.study.storage)}  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and Optuna errors alike: an unreadable file
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResultsError(f"{path}: the experiment's Optuna study is unreadable ({text})") from None
+    return {p.name: open_study(record, p.study) for p in record.phases if p.study in names}
 
 
 def _finite(value: Any) -> bool:
@@ -240,11 +264,16 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
     record = load_sweep(exp_dir)
     states, problems = ray_trial_states(exp_dir)
     folders = trial_folders(exp_dir)
-    if study is None and (exp_dir / STUDY_FILE).is_file():
+    studies: dict[str, Any] = {}
+    if study is not None and not record.phases:
+        studies = {"": study}
+    elif (exp_dir / STUDY_FILE).is_file():
         try:
-            study = open_study(record)
+            studies = open_studies(record)
         except ResultsError as exc:
             problems.append(str(exc))
+    phases = {p.name: p for p in record.phases}
+    phase_index = {p.name: i for i, p in enumerate(record.phases)}
     previous: dict[str, TrialRecord] = {}
     try:
         previous = {t.trial_id: t for t in read_trials_table(exp_dir)}
@@ -254,12 +283,14 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         problems.append(f"the previous trials table is unreadable and was rebuilt ({exc})")
 
     by_ray: dict[str, Any] = {}
+    phase_of: dict[str, str] = {}
     superseded: dict[str, str] = {}
-    frozen_trials = list(study.get_trials(deepcopy=False)) if study is not None else []
-    for frozen in sorted(frozen_trials, key=lambda t: t.number):
+    frozen_trials = [(name, t) for name, st in studies.items() for t in st.get_trials(deepcopy=False)]
+    for phase_name, frozen in sorted(frozen_trials, key=lambda x: (phase_index.get(x[0], 0), x[1].number)):
         ids = attempts_of(frozen)
         for i in ids:
             by_ray[i] = frozen
+            phase_of[i] = phase_name
         for old in ids[:-1]:
             superseded[old] = ids[-1]
     for old, new in list(superseded.items()):  # an attempt of an attempt: the newest id wins
@@ -280,13 +311,16 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         if trial_id in superseded:
             continue
         ray, frozen, prev = states.get(trial_id), by_ray.get(trial_id), previous.get(trial_id)
+        phase_name = phase_of.get(trial_id) or _folder_phase(folders.get(trial_id)) or (prev.phase if prev else "")
+        phase = phases.get(phase_name)
+        metric = phase.metric if phase is not None else record.metric
         last = dict(rows[-1]) if rows else dict(ray.last_result if ray else {})
         error = _folder_error(folders.get(trial_id)) or (frozen.user_attrs.get("fail_reason") if frozen else None)
         status = _status(last=last, ray=ray, frozen=frozen, error=error, previous=prev)
         if status == "failed" and not error:
             error = (prev.error if prev else None) or "the trial raised (no error text saved)"
         if frozen is not None:
-            params = dict(frozen.params)
+            params = {**(phase.frozen if phase is not None else {}), **frozen.params}
         elif ray is not None and ray.params:
             params = dict(ray.params)
         else:
@@ -296,8 +330,8 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         else:
             metrics = dict(prev.metrics) if prev else {}
         if status == "completed" and frozen is not None and _finite(frozen.value if frozen.values else None) \
-                and record.metric not in metrics:
-            metrics[record.metric] = float(frozen.value)  # the study kept what the folder lost
+                and metric not in metrics:
+            metrics[metric] = float(frozen.value)  # the study kept what the folder lost
         # attempts that raised (retried while fewer than FailureConfig.max_failures)
         metrics["num_failures"] = (ray.num_failures if ray is not None
                                    else int((prev.metrics.get("num_failures") if prev else 0) or 0))
@@ -306,17 +340,31 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
             trial_id=trial_id, status=status, params=params, metrics=metrics,
             error=error if status == "failed" else None, run_dir=str(runs_dir / trial_id), reports=len(rows),
             seconds=float(seconds) if _finite(seconds) else None,
-            resumed_from=tuple(sorted(earlier.get(trial_id, ()))),
+            resumed_from=tuple(sorted(earlier.get(trial_id, ()))), phase=phase_name,
         ))
     for problem in problems:
         log.warning("%s: %s", exp_dir, problem)
-    return write_experiment(exp_dir, sweep=record, trials=_order(records, by_ray), reports=reports, notes=problems)
+    return write_experiment(exp_dir, sweep=record, trials=_order(records, by_ray, phase_index), reports=reports,
+                            notes=problems)
 
 
-def _order(records: Sequence[TrialRecord], by_ray: Mapping[str, Any]) -> list[TrialRecord]:
-    """Trials in the order they were asked (the study's trial number), then the rest by id."""
-    def key(t: TrialRecord) -> tuple[int, str]:
+def _folder_phase(folder: Path | None) -> str:
+    """The phase a trial folder's ``params.json`` names in its settings (empty if none)."""
+    if folder is None or not (folder / "params.json").is_file():
+        return ""
+    try:
+        settings = json.loads((folder / "params.json").read_text()).get(SETTINGS_KEY) or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return ""
+    phase = settings.get("phase") if isinstance(settings, Mapping) else None
+    return phase if isinstance(phase, str) else ""
+
+
+def _order(records: Sequence[TrialRecord], by_ray: Mapping[str, Any], phase_index: Mapping[str, int]) \
+        -> list[TrialRecord]:
+    """Trials in the order they were asked (phase by phase, the study's trial number), then the rest by id."""
+    def key(t: TrialRecord) -> tuple[int, int, str]:
         frozen = by_ray.get(t.trial_id)
-        return (frozen.number if frozen is not None else 1 << 30, t.trial_id)
+        return (phase_index.get(t.phase, 0), frozen.number if frozen is not None else 1 << 30, t.trial_id)
 
     return sorted(records, key=key)

@@ -13,6 +13,15 @@ result. :class:`FidelitySearch` tells Optuna
   how far it got;
 * FAIL for a trial that raised, or that finished without a finite value of the metric.
 
+**The reference is never pruned.** The searcher marks the trial that evaluates the space's reference
+point (user attribute :data:`REFERENCE_ATTR`); :class:`FullBudgetASHA` asks it
+(:meth:`FidelitySearch.protected`) and lets that trial run its whole budget, so "gain over the
+reference" always compares completed values.
+
+**Budgets in steps.** With ``step_budget`` the searcher starts a new trial only while the compute
+spent (each finished trial's last ``time_attr``) plus the full budget of each running trial plus one
+more full trial fits; then it tells Ray the search is finished.
+
 :class:`FullBudgetASHA` is ASHA that never stops a trial which has reached ``max_t``: the stage's last
 evaluation arrives at ``max_t``, but the pipeline still has its final result to send (and later
 stages to run), and a trial cut off there would count as pruned although it trained its full budget.
@@ -33,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +56,7 @@ from wsss_tune.spaces import SearchSpace, SpaceError
 
 from .reporter import FINAL_KEY
 
-__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA", "attempts_of",
+__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "REFERENCE_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA", "attempts_of",
            "optuna_distributions", "resume_plan", "study_storage"]
 
 log = logging.getLogger(__name__)
@@ -57,12 +66,21 @@ RAY_TRIAL_ATTR = "ray_trial_id"
 #: Optuna user attribute listing every Ray trial id the search trial ran under, oldest first (a
 #: resumed sweep continues an interrupted trial under a new id).
 ATTEMPTS_ATTR = "ray_trial_ids"
+#: Optuna user attribute marking the trial that evaluates the reference point (never pruned).
+REFERENCE_ATTR = "reference"
 #: The study's SQLite file in the experiment folder.
 STUDY_FILE = "optuna.db"
 #: Ray's result key counting a trial's reports (the step of intermediate values without ``time_attr``).
 _TRAINING_ITERATION = "training_iteration"
 #: Values an Optuna categorical distribution can hold.
 _CATEGORICAL_TYPES = (type(None), bool, int, float, str)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal values; numbers up to a relative 1e-9 (a value that went through JSON or SQLite)."""
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
 
 
 def optuna_distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -157,25 +175,71 @@ class FidelitySearch(OptunaSearch):
             ``training_iteration`` when None or missing from a result.
         resume: On a resumed sweep, the search trials to continue (handed to the first Ray trials,
             before Optuna is asked for new ones) and the failed ones to run again.
+        reference: The reference point; the trial that evaluates it is marked and protected from
+            the scheduler (:meth:`protected`).
+        step_budget / full_steps: Stop asking for trials once the compute in ``time_attr`` units would
+            pass ``step_budget``, a full trial costing ``full_steps`` (module docstring).
+        count_stage: Count only the steps of results whose ``stage`` is this (the searched stage's
+            training; upstream stages a trial builds report their own steps).
         **kwargs: Passed to ``OptunaSearch`` (``space``, ``metric``, ``mode``, ``points_to_evaluate``,
             ``sampler``, ``study_name``, ``storage``).
     """
 
-    def __init__(self, *, time_attr: str | None = None, resume: ResumePlan | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, time_attr: str | None = None, resume: ResumePlan | None = None,
+                 reference: Mapping[str, Any] | None = None, step_budget: int | None = None,
+                 full_steps: int | None = None, count_stage: str | None = None, **kwargs: Any) -> None:
+        if step_budget is not None and (not time_attr or not full_steps or full_steps < 1):
+            raise ValueError("a step budget needs the time_attr that counts steps and the steps of a full trial")
         # Set before OptunaSearch's constructor, which sets up the study (see _setup_study).
         self._to_continue: list[Continue] = list(resume.continued) if resume else []
         self._to_rerun: Sequence[tuple[Mapping[str, Any], tuple[str, ...]]] = resume.rerun if resume else ()
+        self._step_budget, self._full_steps, self._count_stage = step_budget, full_steps, count_stage
+        #: Steps of the trials that finished before this searcher started (a resumed search).
+        self._finished_steps_before = 0
         super().__init__(**kwargs)
         self._time_attr = time_attr
         self._last_step: dict[str, int] = {}
+        self._reference = dict(reference) if reference else None
+        self._protected: set[str] = set()
+        #: Steps each trial reached (its largest ``time_attr``), for the step budget.
+        self._steps: dict[str, int] = {}
+
+    def protected(self, trial_id: str) -> bool:
+        """Whether ``trial_id`` evaluates the reference point (the scheduler must not stop it)."""
+        return trial_id in self._protected
+
+    def _is_reference(self, config: Mapping[str, Any]) -> bool:
+        if not self._reference:
+            return False
+        return all(k in config and _same_value(config[k], v) for k, v in self._reference.items())
+
+    def _budget_left(self) -> bool:
+        """Whether one more full trial fits the step budget (always, without one)."""
+        if self._step_budget is None:
+            return True
+        assert self._full_steps is not None
+        running = [t for t in self._ot_trials if t not in self._completed_trials]
+        spent = sum(self._steps.get(t, 0) for t in self._ot_trials if t in self._completed_trials)
+        spent += self._finished_steps_before
+        return spent + self._full_steps * (len(running) + 1) <= self._step_budget
 
     def _setup_study(self, mode: Any) -> None:
         super()._setup_study(mode)
+        if self._step_budget is not None:
+            assert self._full_steps is not None
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                        TrialState.FAIL)):
+                steps = self._full_steps if t.state == TrialState.COMPLETE else max(t.intermediate_values, default=0)
+                self._finished_steps_before += int(steps)
         for params, attempts in self._to_rerun:
             self._ot_study.enqueue_trial(dict(params), user_attrs={ATTEMPTS_ATTR: list(attempts)})
         self._to_rerun = ()
 
     def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials and not self._to_continue and not self._budget_left():
+            from ray.tune.search import Searcher
+
+            return Searcher.FINISHED
         if trial_id not in self._ot_trials and self._to_continue and self._space and self._metric:
             item = self._to_continue.pop(0)
             ot_trial = optuna.trial.Trial(self._ot_study, item.storage_id)
@@ -188,9 +252,13 @@ class FidelitySearch(OptunaSearch):
             config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if config is not None and ot_trial is not None:
-            attempts = [i for i in attempts_of(ot_trial.storage.get_trial(ot_trial._trial_id)) if i != trial_id]
+            frozen = ot_trial.storage.get_trial(ot_trial._trial_id)
+            attempts = [i for i in attempts_of(frozen) if i != trial_id]
             ot_trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
             ot_trial.set_user_attr(ATTEMPTS_ATTR, [*attempts, trial_id])
+            if frozen.user_attrs.get(REFERENCE_ATTR) or self._is_reference(config):
+                ot_trial.set_user_attr(REFERENCE_ATTR, True)
+                self._protected.add(trial_id)
         return config
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
@@ -214,9 +282,22 @@ class FidelitySearch(OptunaSearch):
             return int(value)
         return None
 
+    def _count_steps(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
+        if self._step_budget is None or not result:
+            return
+        if result.get(FINAL_KEY):
+            step: int | None = self._full_steps
+        elif self._count_stage is not None and result.get("stage") != self._count_stage:
+            return
+        else:
+            step = self._step(result)
+        if step is not None:
+            self._steps[trial_id] = max(step, self._steps.get(trial_id, 0))
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Report the metric as an intermediate value at the result's fidelity; results without the
         metric (training logs) or without a fidelity are skipped, as is the final result."""
+        self._count_steps(trial_id, result)
         if isinstance(self.metric, list) or trial_id in self._completed_trials or result.get(FINAL_KEY):
             return
         self._report_intermediate(trial_id, result)
@@ -241,6 +322,7 @@ class FidelitySearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return
+        self._count_steps(trial_id, result)
         value = (result or {}).get(self.metric)
         final = bool(result and result.get(FINAL_KEY))
         if error:
@@ -264,19 +346,25 @@ class FidelitySearch(OptunaSearch):
 
 
 class FullBudgetASHA(ASHAScheduler):
-    """``ASHAScheduler`` that lets a trial which reached ``max_t`` run to its end (see the module docstring).
+    """``ASHAScheduler`` that lets a trial which reached ``max_t`` run to its end (see the module
+    docstring), and never stops a protected trial (the reference, :meth:`FidelitySearch.protected`).
 
-    Its result at ``max_t`` still enters the top rung, so later trials are compared against it.
-    Arguments as ``ASHAScheduler``'s (``stop_last_trials`` is fixed to False).
+    Their results still enter the rungs, so later trials are compared against them.
+    Arguments as ``ASHAScheduler``'s (``stop_last_trials`` is fixed to False), plus ``protected``:
+    trial id -> whether the trial must run its whole budget.
     """
 
-    def __init__(self, *, time_attr: str, max_t: int, **kwargs: Any) -> None:
+    def __init__(self, *, time_attr: str, max_t: int, protected: Callable[[str], bool] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(time_attr=time_attr, max_t=max_t, stop_last_trials=False, **kwargs)
         self._full_budget_attr, self._full_budget = time_attr, max_t
+        self._protected = protected
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         t = result.get(self._full_budget_attr)
         if isinstance(t, int | float) and t >= self._full_budget:
+            return TrialScheduler.CONTINUE
+        if self._protected is not None and self._protected(trial.trial_id):
             return TrialScheduler.CONTINUE
         return action

@@ -38,12 +38,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from wsss_tune.analysis.results import (
     ExperimentResult,
+    ReseedRecord,
     ResultsError,
     load_sweep,
     rebuild_hint,
@@ -52,6 +53,7 @@ from wsss_tune.analysis.results import (
 )
 from wsss_tune.spaces import SearchSpace
 
+from .phases import StageBudget, run_phases
 from .planning import (
     DEFAULT_STORAGE,
     DEFAULT_WANDB_PROJECT,
@@ -64,7 +66,7 @@ from .planning import (
     plan_from_record,
     plan_sweep,
 )
-from .records import collect_results, open_study
+from .records import collect_results, open_studies
 from .reporter import CACHE_REPAIRS_KEY
 from .search import resume_plan
 from .session import check_resources, ray_session, tune_env
@@ -104,6 +106,8 @@ SHOWN_FAILURES = 10
 #: Trials of the demo sweep: the reference plus five TPE (random start-up) samples, two at a time on
 #: 2 CPU cores; ASHA stops the weaker ones at DeepLab step 100 of 300.
 DEMO_TRIALS = 6
+#: Seed re-runs after a search unless told otherwise: the top 3 configs and the reference, 2 more seeds each.
+DEFAULT_RESEED = ReseedRecord(top_k=3, seeds=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +135,10 @@ def run_sweep(
     cache: bool = True,
     progress: Literal["rich", "ray", "off"] = "rich",
     tune_checkpoints: bool = True,
+    mode: Literal["joint", "cascade"] = "joint",
+    stage_budgets: Mapping[str, StageBudget] | None = None,
+    reseed: ReseedRecord | None = DEFAULT_RESEED,
+    compare: Sequence[str] = (),
 ) -> ExperimentResult:
     """Run a search over ``space`` and write its results (see the module docstring).
 
@@ -154,6 +162,13 @@ def run_sweep(
         progress: ``rich`` live table, ``ray`` Tune's own output, ``off``.
         tune_checkpoints: Attach training checkpoints to Tune results (needed to resume a trial on
             another host when the store is remote; costs a copy per checkpoint).
+        mode: ``joint`` (one search over every parameter) or ``cascade`` (one search per stage, each
+            stage's best frozen and carried downstream; :mod:`trainables.phases`).
+        stage_budgets: A cascade's budget per stage (trials or training steps); stages not named get
+            ``trials``.
+        reseed: Seed re-runs after the search (default: the top 3 and the reference with 2 more seeds
+            each; None: none). The winner is then chosen by mean tune metric.
+        compare: Named configs (built-in or YAML) also run in the seed re-runs, for comparison only.
 
     Returns:
         The written results (:func:`~wsss_tune.analysis.results.load_experiment` reads them again).
@@ -163,17 +178,21 @@ def run_sweep(
     plan = plan_sweep(space, data=data, trials=trials, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                       storage=storage, name=name, wandb=wandb, wandb_project=wandb_project, seed=seed,
                       max_failures=max_failures, max_concurrent=max_concurrent, overrides=overrides, store=store,
-                      cache=cache, tune_checkpoints=tune_checkpoints)
+                      cache=cache, tune_checkpoints=tune_checkpoints, mode=mode, stage_budgets=stage_budgets,
+                      reseed=reseed, compare=tuple(compare))
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     # Paths inside the folder are written relative to it: a copied or moved experiment is self-contained.
     write_sweep(plan.exp_dir, plan.record)
     with tune_env(wandb, progress), ray_session(address, log_to_driver=progress == "ray", exp_dir=plan.exp_dir):
         if address is None:
             check_resources(cpus_per_trial, gpus_per_trial)
-        tuner = build_tuner(plan, progress=progress, seed=seed, max_failures=max_failures,
-                            max_concurrent=max_concurrent)
         try:
-            tuner.fit()
+            if plan.record.phases:
+                run_phases(plan, progress=progress, seed=seed, max_failures=max_failures,
+                           max_concurrent=max_concurrent)
+            else:
+                build_tuner(plan, progress=progress, seed=seed, max_failures=max_failures,
+                            max_concurrent=max_concurrent).fit()
         finally:
             result = collect_results(plan.exp_dir)
     return result
@@ -212,12 +231,28 @@ def resume_sweep(
     exp_dir = Path(exp_dir).expanduser().resolve()
     record = load_sweep(exp_dir)
     try:
-        study = open_study(record)
+        studies = open_studies(record)
     except ResultsError as exc:
         raise ResultsError(f"cannot resume {exp_dir}: {exc}. Nothing was changed; the trial folders still hold "
                            f"every result: {rebuild_hint(exp_dir)}") from None
     plan = plan_from_record(exp_dir, record, num_samples=0)
     check_data(plan.space)
+    if record.phases:
+        if all(p.done for p in record.phases):
+            return collect_results(exp_dir)
+        asked = sum(len(s.trials) for s in studies.values())
+        with tune_env(record.wandb.mode, progress), ray_session(address, log_to_driver=progress == "ray",
+                                                                exp_dir=exp_dir):
+            if address is None:
+                check_resources(record.resources.cpus_per_trial, record.resources.gpus_per_trial)
+            try:
+                run_phases(plan, progress=progress, seed=record.seed + asked,
+                           max_failures=record.max_failures, max_concurrent=record.max_concurrent,
+                           rerun_failed=resume_errored or restart_errored)
+            finally:
+                result = collect_results(exp_dir)
+        return result
+    study = studies[""]
     todo = resume_plan(study, requested=record.requested, rerun_failed=resume_errored or restart_errored)
     if todo.num_samples == 0:
         return collect_results(exp_dir, study=study)  # every requested trial has finished

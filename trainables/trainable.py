@@ -72,6 +72,8 @@ class TrialSettings:
         final_t: Value of ``time_attr`` in the final result (the budget a finished run had), or None.
         threads: torch CPU threads per trial (the trial's CPUs); 0 = leave torch's default.
         tune_checkpoints: Attach training checkpoints to Tune results.
+        phase: The search of the experiment the trial belongs to (a cascade's stage, ``reseed``;
+            empty for a one-search experiment).
     """
 
     base: Mapping[str, Any]
@@ -83,6 +85,7 @@ class TrialSettings:
     final_t: int | None = None
     threads: int = 0
     tune_checkpoints: bool = True
+    phase: str = ""
 
     def __post_init__(self) -> None:
         plugins = (self.base.get("run") or {}).get("stage_plugins") if isinstance(self.base, Mapping) else None

@@ -7,9 +7,11 @@ runs the search (new or resumed from the Optuna study, :class:`~trainables.searc
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wsss_tune.analysis.results import ResourcesRecord
+from wsss_tune.stages import graph
 
 from .planning import SweepPlan
 from .search import STUDY_FILE, ResumePlan, optuna_distributions
@@ -52,9 +54,17 @@ def callbacks(plan: SweepPlan, *, progress: str) -> list[Any]:
 
 
 def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None,
-                resume: ResumePlan | None = None) -> Any:
+                resume: ResumePlan | None = None, study_name: str | None = None,
+                points: Sequence[Mapping[str, Any]] | None = None, step_budget: int | None = None) -> Any:
     """The ``Tuner`` of ``plan``: Optuna TPE (seeded) on the study in the experiment folder, ASHA when
-    the space has a fidelity, ``plan.num_samples`` trials; ``resume`` continues a search from its study."""
+    the space has a fidelity, ``plan.num_samples`` trials; ``resume`` continues a search from its study.
+
+    Args:
+        study_name: The study of this search in the experiment's storage (default: the experiment's
+            name; a cascade has one per stage).
+        points: Points evaluated first (default: the reference point); the reference is never pruned.
+        step_budget: Stop starting trials once their steps of the searched stage would pass this.
+    """
     from optuna.logging import WARNING, set_verbosity
     from optuna.samplers import TPESampler
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
@@ -64,19 +74,26 @@ def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int,
 
     space = plan.space
     set_verbosity(WARNING)  # one line per trial from Optuna would fight the live table
+    f = space.fidelity
+    full_steps = plan.settings.final_t if step_budget is not None else None
+    if points is None:
+        points = [dict(plan.reference_point)]
     searcher = FidelitySearch(
         space=optuna_distributions(space), metric=space.metric, mode=space.mode,
-        # A resumed search asked for the reference point already (it waits in the study's queue if
-        # the driver stopped first).
-        points_to_evaluate=None if resume is not None else [dict(plan.reference_point)],
-        sampler=TPESampler(seed=seed), study_name=plan.name, storage=study_storage(str(plan.exp_dir / STUDY_FILE)),
-        time_attr=space.fidelity.time_attr if space.fidelity else None, resume=resume,
+        # A resumed search asked for its first points already (they wait in the study's queue if the
+        # driver stopped first).
+        points_to_evaluate=None if resume is not None else [dict(p) for p in points],
+        sampler=TPESampler(seed=seed), study_name=study_name or plan.name,
+        storage=study_storage(str(plan.exp_dir / STUDY_FILE)),
+        time_attr=plan.settings.time_attr, resume=resume, reference=plan.reference_point,
+        step_budget=step_budget, full_steps=full_steps,
+        count_stage=graph.fidelity_report_name(graph.tune_metrics()[space.metric][0]),
     )
-    f = space.fidelity
     scheduler = None
     if f is not None:
         scheduler = FullBudgetASHA(time_attr=f.time_attr, metric=space.metric, mode=space.mode, max_t=f.max_t,
-                                   grace_period=f.grace_period, reduction_factor=f.reduction_factor)
+                                   grace_period=f.grace_period, reduction_factor=f.reduction_factor,
+                                   protected=searcher.protected)
     return Tuner(
         with_resources(plan.trainable, plan.record.resources),
         param_space={SETTINGS_KEY: plan.settings.to_dict()},

@@ -540,6 +540,12 @@ def fidelity_artifact(stage: str) -> str | None:
     return next((s.name for s in graph() if s.stage == stage and s.fidelity), None)
 
 
+def fidelity_report_name(stage: str) -> str | None:
+    """The ``stage`` value of the reports that carry ``stage``'s training steps (None: it trains nothing
+    with a fidelity)."""
+    return next(((s.report_as or s.name) for s in graph() if s.stage == stage and s.fidelity), None)
+
+
 def needed_artifacts(cfg: PipelineConfig, stages: Sequence[str]) -> tuple[str, ...]:
     """The artifacts a run of ``stages`` builds, in graph order: those of the stages and all they read."""
     by_name = {s.name: s for s in graph()}
