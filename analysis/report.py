@@ -28,7 +28,7 @@ from wsss_tune.analysis.figures import (
     qualitative_data,
 )
 from wsss_tune.analysis.results import ExperimentResult, load_experiment
-from wsss_tune.analysis.tables import Table, experiment_tables
+from wsss_tune.analysis.tables import Table, experiment_tables, gain_lines
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -53,6 +53,8 @@ _MISSING = "-"
 #: Report sections in order: (table name, figure name or None, heading).
 _SECTIONS: tuple[tuple[str | None, str | None, str], ...] = (
     ("stages", "stages", "Stages: reference config vs best found"),
+    ("phases", None, "Searches"),
+    ("seeds", None, "Seed re-runs"),
     ("history", "history", "Optimisation history"),
     ("importances", "importances", "Parameter importances"),
     (None, "slices", "Slices"),
@@ -64,6 +66,8 @@ _SECTIONS: tuple[tuple[str | None, str | None, str], ...] = (
     ("compute", "compute", "Compute spent"),
     ("trials", None, "All trials"),
 )
+#: Sections shown only when their table has rows.
+_OPTIONAL = frozenset({"phases", "seeds"})
 #: Human headers of the stage table's columns.
 _STAGE_HEADERS = {
     "stage": "stage", "reference_tune": "reference tune", "reference_heldout": "reference held-out",
@@ -137,10 +141,10 @@ def _summary(exp: ExperimentResult) -> tuple[str, ...]:
         lines.append(f"Best trial {exp.best.trial_id}: {exp.metric} = {_fmt(exp.best.value(exp.metric))}, held-out "
                      f"{exp.heldout_metric} = {_fmt(exp.best.value(exp.heldout_metric))}; values: {params}.")
     if exp.reference is not None:
-        lines.append(f"Reference point (trial {exp.reference.trial_id}): {exp.metric} = "
+        lines.append(f"Reference point (trial {exp.reference.trial_id}, {exp.reference.status}): {exp.metric} = "
                      f"{_fmt(exp.reference.value(exp.metric))}, held-out = "
-                     f"{_fmt(exp.reference.value(exp.heldout_metric))}; gain of the best over it (tune): "
-                     f"{_fmt(exp.gain_over_reference)}.")
+                     f"{_fmt(exp.reference.value(exp.heldout_metric))}.")
+    lines += gain_lines(exp)
     failed = [t for t in exp.trials if t.status == "failed"]
     for t in failed[:5]:
         lines.append(f"Failed trial {t.trial_id}: {t.error}")
@@ -213,6 +217,8 @@ def _sections(report: Report) -> list[tuple[str, Table | None, str | None, str]]
     out = []
     for table_name, figure_name, heading in _SECTIONS:
         table = report.tables.get(table_name) if table_name else None
+        if table_name in _OPTIONAL and (table is None or table.empty):
+            continue  # an experiment of one search without re-runs has no such section
         note = table.note if table is not None else ""
         if figure_name == "qualitative":
             note = report.qualitative_note

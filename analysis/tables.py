@@ -283,7 +283,7 @@ def trials_table(exp: ExperimentResult, curves: Table | None = None, order: list
     ids = order if order is not None else list(by_id)
     for i, t in enumerate(by_id[tid] for tid in ids):
         row: dict[str, Any] = {
-            "order": i, "trial_id": t.trial_id, "status": t.status, "reference": t.reference,
+            "order": i, "trial_id": t.trial_id, "phase": t.phase, "status": t.status, "reference": t.reference,
             "best": t.trial_id == best_id, "value": t.value(exp.metric) if t.status == "completed" else None,
             "last_value": float(last.loc[t.trial_id, "value"]) if t.trial_id in last.index else t.value(exp.metric),
             "last_step": last.loc[t.trial_id, "step"].item() if t.trial_id in last.index else None,
@@ -291,7 +291,7 @@ def trials_table(exp: ExperimentResult, curves: Table | None = None, order: list
         }
         row.update({p: t.params.get(p) for p in params})
         rows.append(row)
-    cols = ["order", "trial_id", "status", "reference", "best", "value", "last_value", "last_step", "heldout",
+    cols = ["order", "trial_id", "phase", "status", "reference", "best", "value", "last_value", "last_step", "heldout",
             "seconds", "error", *params]
     return Table(name="trials", title=f"All trials ({exp.metric}, {exp.mode})", frame=pd.DataFrame(rows, columns=cols),
                  note="value: final metric of a completed trial; last_value/last_step: last intermediate value "
@@ -565,6 +565,85 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
 
 
 # --------------------------------------------------------------------------------------------------
+# Searches (phases) and seed re-runs
+# --------------------------------------------------------------------------------------------------
+
+
+def phases_table(exp: ExperimentResult) -> Table:
+    """One row per search of the experiment (a cascade's stages, the joint search, the re-runs):
+    its metric, trials by status, its best value and the values it froze for the next stages."""
+    rows = []
+    phases = exp.record.phases
+    for i, phase in enumerate(phases):
+        trials = [t for t in exp.trials if t.phase == phase.name]
+        done = [t for t in trials if t.status == "completed" and t.value(phase.metric) is not None]
+        best = max((t.value(phase.metric) for t in done), default=None) if exp.mode == "max" else \
+            min((t.value(phase.metric) for t in done), default=None)
+        nxt = phases[i + 1] if i + 1 < len(phases) else None
+        chosen = {k: v for k, v in (nxt.frozen if nxt is not None else {}).items() if k not in phase.frozen}
+        rows.append({"search": phase.name, "metric": phase.metric, "trials": len(trials),
+                     "completed": len(done), "pruned": sum(t.status == "pruned" for t in trials),
+                     "failed": sum(t.status == "failed" for t in trials),
+                     "budget": f"{phase.step_budget} steps" if phase.step_budget else f"{phase.requested} trials",
+                     "best": best, "frozen_next": ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())})
+    cols = ["search", "metric", "trials", "completed", "pruned", "failed", "budget", "best", "frozen_next"]
+    return Table(name="phases", title="Searches in order", frame=pd.DataFrame(rows, columns=cols),
+                 note="a cascade searches each stage on its own tune metric and freezes its best (frozen_next) "
+                      "for the stages after it; reseed re-runs the best configs and the reference with more seeds")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def seeds_table(exp: ExperimentResult) -> Table:
+    """The seed re-runs: one row per config with its seeds and mean +- std (sample) of the tune and
+    held-out metric; the winner is the best mean tune value among the searched configs and the reference."""
+    rows = [{"config": r.label, "winner": r.winner, "runs": len(r.trials), "seeds": ",".join(map(str, r.seeds)),
+             "tune_mean": r.tune_mean, "tune_std": r.tune_std, "heldout_mean": r.heldout_mean,
+             "heldout_std": r.heldout_std, **{k: r.params.get(k) for k in exp.record.searched_params}}
+            for r in exp.seeds]
+    cols = ["config", "winner", "runs", "seeds", "tune_mean", "tune_std", "heldout_mean", "heldout_std",
+            *exp.record.searched_params]
+    return Table(name="seeds", title=f"Seed re-runs ({exp.metric} and {exp.heldout_metric})",
+                 frame=pd.DataFrame(rows, columns=cols), note=" ".join(gain_lines(exp)))
+
+
+def gain_lines(exp: ExperimentResult) -> list[str]:
+    """What the experiment found against its reference, in words: the gain on both halves from
+    completed runs only (means over seeds when re-run), next to the seed spread, or why there is none."""
+    ref = exp.reference
+    out: list[str] = []
+    if ref is not None and ref.status != "completed":
+        why = f" ({ref.error})" if ref.error else ""
+        out.append(f"The reference trial {ref.trial_id} {ref.status}{why}; it has no value to compare with.")
+    elif ref is None and not exp.seeds:
+        out.append("The reference setting has no completed run in this experiment; no gain is reported.")
+    gain, held = exp.gain_over_reference, exp.gain_over_reference_heldout
+    if gain is None and held is None:
+        return out
+    winner = next((r for r in exp.seeds if r.winner), None)
+    basis = f"means of {len(winner.trials)} run(s) each" if winner is not None else "single runs"
+    text = f"Gain over the reference ({basis}): tune {_signed(gain)}, held-out {_signed(held)}."
+    spread = exp.outcome.seed_spread
+    if spread is not None and held is not None:
+        ratio = held / spread if spread > 0 else math.inf
+        verdict = "exceeds" if held > spread else "does not exceed"
+        text += (f" Seed spread (pooled std, held-out): {spread:.2f}; the held-out gain {verdict} it "
+                 f"({ratio:.1f}x).")
+    elif winner is None:
+        text += " Single runs: re-run the top configs with more seeds before calling a winner."
+    if winner is not None and winner.label == "reference":
+        text += " The reference had the best mean: the search did not beat it."
+    out.append(text)
+    return out
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+# --------------------------------------------------------------------------------------------------
 # All of them
 # --------------------------------------------------------------------------------------------------
 
@@ -575,6 +654,7 @@ def experiment_tables(exp: ExperimentResult, *, study: Any = None) -> dict[str, 
     reports = _reports_frame(exp)
     curves = curves_table(exp, reports)
     trials = trials_table(exp, curves, trial_order(exp, study, reports))
-    tables = [stage_table(exp), trials, history_table(exp, trials), importance_table(exp, study), curves,
-              stopped_table(exp, trials), per_class_table(exp), overlap_table(exp, reports), compute_table(exp)]
+    tables = [stage_table(exp), phases_table(exp), seeds_table(exp), trials, history_table(exp, trials),
+              importance_table(exp, study), curves, stopped_table(exp, trials), per_class_table(exp),
+              overlap_table(exp, reports), compute_table(exp)]
     return {t.name: t for t in tables}

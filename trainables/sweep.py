@@ -51,6 +51,7 @@ from wsss_tune.analysis.results import (
     stage_miou_rows,
     write_sweep,
 )
+from wsss_tune.analysis.tables import gain_lines, phases_table, seeds_table
 from wsss_tune.spaces import SearchSpace
 
 from .phases import StageBudget, run_phases
@@ -290,6 +291,24 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _print_table(console: Any, table: Any, columns: Sequence[str]) -> None:
+    """A rich table of ``table``'s ``columns`` (nothing when it has no rows)."""
+    from rich.table import Table
+
+    if table.empty:
+        return
+    out = Table(title=table.title)
+    for c in columns:
+        out.add_column(c, justify="left" if c in ("search", "metric", "config", "budget", "frozen_next") else "right")
+    for row in table.frame[list(columns)].to_dict("records"):
+        out.add_row(*(_fmt(None if _is_nan(row[c]) else row[c]) for c in columns))
+    console.print(out)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
+
+
 def print_summary(result: ExperimentResult, *, console: Any = None) -> None:
     """Print the per-stage mIoU of the reference and the best config, counts and where things are."""
     from rich.console import Console
@@ -311,12 +330,18 @@ def print_summary(result: ExperimentResult, *, console: Any = None) -> None:
     c = result.counts
     console.print(f"trials: {c.get('total', 0)} of {result.requested} ({c.get('completed', 0)} completed, "
                   f"{c.get('pruned', 0)} pruned, {c.get('failed', 0)} failed, {c.get('incomplete', 0)} incomplete)")
+    _print_table(console, phases_table(result), ("search", "metric", "trials", "completed", "pruned", "failed",
+                                                  "budget", "best", "frozen_next"))
+    seeds = seeds_table(result)
+    _print_table(console, seeds, ("config", "winner", "runs", "seeds", "tune_mean", "tune_std", "heldout_mean",
+                                  "heldout_std"))
     if result.best is not None:
-        gain = result.gain_over_reference
         console.print(f"best {result.metric} = {_fmt(result.best.value(result.metric))} "
-                      f"(held-out {result.heldout_metric} = {_fmt(result.best.value(result.heldout_metric))}); "
-                      f"gain over the reference setting: {_fmt(gain)}")
+                      f"(held-out {result.heldout_metric} = {_fmt(result.best.value(result.heldout_metric))})"
+                      + (" - chosen by the mean over seeds" if result.seeds else ""))
         console.print(f"best values: {json.dumps(dict(result.best.params))}")
+    for line in gain_lines(result):
+        console.print(line, highlight=False)
     failed = [t for t in result.trials if t.status == "failed"]
     for t in failed[:SHOWN_FAILURES]:
         console.print(f"[red]failed[/red] {t.trial_id}: {t.error}", markup=True, highlight=False)

@@ -540,16 +540,45 @@ def sweep(
     cache: Annotated[bool, typer.Option(help="Share stage artifacts between trials.")] = True,
     progress: ProgressOpt = "rich",
     allow_failures: AllowFailuresOpt = False,
+    mode: Annotated[str, typer.Option(help="joint (one search over every parameter) | cascade (one search per "
+                                           "stage in order, each stage's best frozen downstream).")] = "joint",
+    stage_budget: Annotated[list[str] | None, typer.Option(
+        help="Cascade budget of one stage: STAGE=N trials or STAGE=Nsteps of its training (repeatable; "
+             "e.g. eps=6, deeplab=1200steps). Stages not named get --trials.")] = None,
+    reseed_top: Annotated[int, typer.Option(help="Configs of the search re-run with more seeds afterwards.")] = 3,
+    reseed_seeds: Annotated[int, typer.Option(
+        help="More seeds (run.seed) for each re-run config and the reference; the winner is the best mean. "
+             "0: no re-runs.")] = 2,
+    compare_config: Annotated[list[str] | None, typer.Option(
+        help="A config (built-in name or YAML) also run in the seed re-runs, for comparison (repeatable).")] = None,
 ) -> None:
-    """Search a space with Ray Tune + Optuna TPE (+ ASHA); the reference setting runs first."""
+    """Search a space with Ray Tune + Optuna TPE (+ ASHA); the reference setting runs first, and the
+    best configs re-run with more seeds before a winner is named."""
+    from wsss_tune.analysis.results import ReseedRecord
     from wsss_tune.config import parse_override
+    from wsss_tune.trainables.phases import SEARCH_MODES, parse_stage_budget
     from wsss_tune.trainables.sweep import sweep as run
 
     _reads_yaml(space, "search space file", "search_spaces/synth_rw.yaml")
+    if mode not in SEARCH_MODES:
+        _fail(f"--mode {mode!r}: expected one of {', '.join(SEARCH_MODES)}")
+    if reseed_top < 0 or reseed_seeds < 0:
+        _fail(f"--reseed-top {reseed_top} / --reseed-seeds {reseed_seeds}: expected >= 0")
+    budgets = {}
+    for text in stage_budget or []:
+        try:
+            stage, budget = parse_stage_budget(text)
+        except ValueError as exc:
+            _fail(f"--stage-budget: {exc}")
+        budgets[stage] = budget
+    for name_ in compare_config or []:
+        _reads_yaml(name_, "config file", "wsss_tune/configs/synth.yaml")
     overrides = dict(parse_override(o) for o in set_ or [])
+    reseed = ReseedRecord(top_k=reseed_top, seeds=reseed_seeds)
     result = run(space, data=data, trials=trials, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                  address=address, storage=storage, name=name, wandb=wandb, seed=seed, max_failures=max_failures,
-                 max_concurrent=max_concurrent, overrides=overrides, store=store, cache=cache, progress=progress)
+                 max_concurrent=max_concurrent, overrides=overrides, store=store, cache=cache, progress=progress,
+                 mode=mode, stage_budgets=budgets, reseed=reseed, compare=tuple(compare_config or ()))
     _check_failures(result, allow_failures)
 
 
