@@ -639,6 +639,38 @@ def gain_lines(exp: ExperimentResult) -> list[str]:
     return out
 
 
+def gap_closed(found: float | None, start: float | None, target: float | None) -> float | None:
+    """The share of the gap from ``start`` to ``target`` that ``found`` closed, 1 - normalised regret:
+    ``(found - start) / (target - start)`` (1.0 = reached the target; above 1 = passed it; None when a
+    value is missing or the target does not differ from the start)."""
+    if found is None or start is None or target is None or math.isclose(target, start, abs_tol=1e-9):
+        return None
+    return (found - start) / (target - start)
+
+
+def gap_table(exp: ExperimentResult, target: str) -> Table:
+    """The reproduction gap: the reference (the paper's setting) -> the winner of the search -> the
+    comparison config ``target`` (e.g. the hand-tuned ``synth``), each as mean +- std over its seed
+    re-runs, tune and held-out; the note says how much of the gap the search closed on each half."""
+    rows_by = {r.label: r for r in exp.seeds}
+    winner = next((r for r in exp.seeds if r.winner), None)
+    order = [("paper setting (reference)", rows_by.get("reference")), ("searched (winner)", winner),
+             (f"hand-tuned ({target})", rows_by.get(target))]
+    rows = [{"config": label, "runs": len(r.trials) if r else 0,
+             "tune_mean": r.tune_mean if r else None, "tune_std": r.tune_std if r else None,
+             "heldout_mean": r.heldout_mean if r else None, "heldout_std": r.heldout_std if r else None}
+            for label, r in order]
+    ref, tgt = rows_by.get("reference"), rows_by.get(target)
+    notes = []
+    for half, attr in (("tune", "tune_mean"), ("held-out", "heldout_mean")):
+        share = gap_closed(*(getattr(r, attr) if r is not None else None for r in (winner, ref, tgt)))
+        notes.append(f"gap closed ({half}): " + ("-" if share is None else f"{100 * share:.0f}%"))
+    return Table(name="gap", title=f"Reproduction gap ({exp.metric} / {exp.heldout_metric}, mean +- std over seeds)",
+                 frame=pd.DataFrame(rows, columns=["config", "runs", "tune_mean", "tune_std", "heldout_mean",
+                                                   "heldout_std"]),
+                 note="; ".join(notes))
+
+
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.2f}"
 

@@ -111,7 +111,7 @@ def test_sweep_with_a_diverging_trial_exits_1(ray_local, synth_root, tmp_path, m
     sets = [a for k, v in {**SMOKE_OVERRIDES, "eps.lr": "1.0e+30"}.items() for a in ("--set", f"{k}={v}")]
     res = runner.invoke(app, ["sweep", str(space), "--data", str(synth_root), "--storage", str(tmp_path),
                               "--name", "diverging", "--wandb", "off", "--progress", "off",
-                              "--store", str(tmp_path / "store"), *sets])
+                              "--store", str(tmp_path / "store"), "--reseed-seeds", "0", *sets])
     assert res.exit_code == 1, res.output
     assert "eps/loss became" in res.output and "error: 1 of 1 trial(s)" in res.stderr
     exp = str(tmp_path / "diverging")

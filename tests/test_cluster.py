@@ -47,7 +47,7 @@ _SWEEP = textwrap.dedent("""
     args = json.loads(sys.argv[1])
     run_sweep("synth_eps", data=args["data"], storage=args["storage"], name="cluster", store=args["store"],
               address=args["address"], trials=2, max_concurrent=2, max_failures=1, cpus_per_trial=1,
-              wandb="off", progress="off", overrides={**SMOKE_OVERRIDES, **args["overrides"]})
+              wandb="off", progress="off", overrides={**SMOKE_OVERRIDES, **args["overrides"]}, reseed=None)
 """)
 
 

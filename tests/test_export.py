@@ -156,7 +156,7 @@ def test_exported_config_reproduces_the_trial(ray_cluster: None, synth_root: Pat
     rw_miou_tune exactly: from the sweep's store (every stage a cache hit), and recomputed in an
     empty store (every stage built, same seed and one CPU thread as the trial)."""
     result = run_sweep("synth_rw", data=synth_root, storage=tmp_path, name="exp", trials=2, wandb="off",
-                       progress="off", overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"))
+                       progress="off", overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"), reseed=None)
     assert result.complete, [t.error for t in result.trials]
     cfg = load_config(export_best(result.path))
     target = result.best.value("rw_miou_tune")

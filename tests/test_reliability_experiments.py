@@ -58,7 +58,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Iter
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         result = run_sweep("synth_eps", data=synth_root, storage=storage, name="orig", trials=TRIALS, wandb="off",
-                           progress="off", overrides=SMOKE_OVERRIDES, store=str(storage / "store"))
+                           progress="off", overrides=SMOKE_OVERRIDES, store=str(storage / "store"), reseed=None)
     finally:
         ray.shutdown()
     assert result.counts["completed"] == TRIALS, [t.error for t in result.trials]

@@ -35,7 +35,7 @@ _SWEEP = textwrap.dedent("""
     ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
     run_sweep("synth_eps", data=args["data"], storage=args["storage"], name="interrupted", store=args["store"],
               trials=args["trials"], max_concurrent=1, wandb="off", progress="off",
-              overrides={**SMOKE_OVERRIDES, "eps.iterations": 40})
+              overrides={**SMOKE_OVERRIDES, "eps.iterations": 40}, reseed=None)
 """)
 
 

@@ -66,7 +66,7 @@ def test_diverging_trial_fails_with_reason_is_retried_and_the_sweep_goes_on(
     """
     result = run_sweep(_lr_space(tmp_path / "lr.yaml", samples=4), data=synth_root, storage=tmp_path / "exp",
                        name="lr", seed=0, max_failures=MAX_FAILURES, wandb="off", progress="off",
-                       overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"))
+                       overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"), reseed=None)
     by_lr: dict[float, list] = {SYNTH_EPS_LR: [], DIVERGING_LR: []}
     for t in result.trials:
         by_lr[t.params["eps.lr"]].append(t)

@@ -219,7 +219,7 @@ def test_sweeps_train_deeplab_once_over_test_time_settings_and_run_a_plugin_stag
             "params": {"deeplab.test_flip": {"kind": "categorical", "choices": [False, True]},
                        other: {"kind": "categorical", "choices": [False, True]}}})
         result = run_sweep(space, data=synth_root, storage=tmp_path / "exps", name="dl", wandb="off", progress="off",
-                           overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"))
+                           overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"), reseed=None)
         assert result.counts["completed"] == 4, [t.error for t in result.trials]
         assert sum(t.metrics["built/deeplab_model"] for t in result.trials) == 1
         assert sum(t.metrics["built/deeplab"] for t in result.trials) == len({
@@ -232,7 +232,7 @@ def test_sweeps_train_deeplab_once_over_test_time_settings_and_run_a_plugin_stag
             "params": {"eps.tau": {"kind": "uniform", "low": 0.3, "high": 0.5}}})
         with graph.extended(TOY):  # this process; the workers import the plugin themselves
             toy = run_sweep(toy_space, data=synth_root, storage=tmp_path / "exps", name="toy", wandb="off",
-                            progress="off", overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"))
+                            progress="off", overrides=SMOKE_OVERRIDES, store=str(tmp_path / "store"), reseed=None)
         assert toy.counts["completed"] == 2, [t.error for t in toy.trials]
         assert all(t.value("toy_miou_tune") == t.value("eps_miou_tune") for t in toy.trials)
     finally:

@@ -62,7 +62,7 @@ def _sweep(space: str, synth_root: Path, storage: Path, **kw: Any) -> Any:
     kw.setdefault("trials", 2)
     kw.setdefault("wandb", "off")
     kw.setdefault("progress", "off")
-    return run_sweep(space, data=synth_root, storage=storage, overrides=SMOKE_OVERRIDES, **kw)
+    return run_sweep(space, data=synth_root, storage=storage, overrides=SMOKE_OVERRIDES, **{"reseed": None, **kw})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_rw_sweep_builds_each_shared_artifact_once(ray_cluster: None, synth_root
     # EPS trains long enough (60 steps) for the second trial's worker to start while it runs.
     result = run_sweep("synth_rw", data=synth_root, storage=tmp_path / "exp", trials=4, store=str(store),
                        cpus_per_trial=1, wandb="off", progress="off",
-                       overrides={**SMOKE_OVERRIDES, "eps.iterations": 60})
+                       overrides={**SMOKE_OVERRIDES, "eps.iterations": 60}, reseed=None)
     assert result.counts["completed"] == 4, [t.error for t in result.trials]
     for stage in ("eps_model", "eps", "affinity"):
         assert sum(t.metrics[f"built/{stage}"] for t in result.trials) == 1, stage
@@ -276,7 +276,7 @@ _KILLED_SWEEP = textwrap.dedent("""
     ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
     run_sweep("synth_eps", data=args["data"], storage=args["storage"], name="killed", store=args["store"],
               trials=3, max_concurrent=1, wandb="off", progress="off",
-              overrides={**SMOKE_OVERRIDES, "eps.iterations": 40})
+              overrides={**SMOKE_OVERRIDES, "eps.iterations": 40}, reseed=None)
 """)
 
 

@@ -310,7 +310,8 @@ def _phase_done(study: Any, phase: PhaseRecord, plan: Any) -> bool:
 def reseed_points(record: ExperimentRecord, search: PhaseRecord, study: Any, space: SearchSpace) -> list[dict[str, Any]]:
     """The re-runs' points: the ``top_k`` configs of the last search (``study``), the reference and the
     comparison configs, each with ``seeds`` more seeds, plus the base seed for a config that has no
-    completed run there yet. Values are full configs (frozen ones included) plus ``run.seed``."""
+    run there yet (a failed one is not tried again at the same seed). Values are full configs (frozen
+    ones included) plus ``run.seed``; none when the search completed no trial."""
     from optuna.trial import TrialState
 
     reseed = record.reseed
@@ -318,8 +319,11 @@ def reseed_points(record: ExperimentRecord, search: PhaseRecord, study: Any, spa
     base_seed = int(space.base_config().run.seed)
     paths = [p.path for p in space.params]
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return []  # the search completed no trial: nothing to compare, and its failures stand as they are
     done.sort(key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
-    ran = {config_key({**search.frozen, **t.params}) for t in done}
+    ran = {config_key({**search.frozen, **t.params}) for t in study.get_trials(deepcopy=False)
+           if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
     candidates: list[dict[str, Any]] = [dict(record.reference_point)]
     for t in done:
         if len(candidates) > reseed.top_k:

@@ -104,9 +104,16 @@ DEMO_PRESET = "default"
 DEMO_DATA = "data/synth"
 #: Failed trials the summary lists one by one (with their error line).
 SHOWN_FAILURES = 10
-#: Trials of the demo sweep: the reference plus five TPE (random start-up) samples, two at a time on
-#: 2 CPU cores; ASHA stops the weaker ones at DeepLab step 100 of 300.
-DEMO_TRIALS = 6
+#: The demo's search: the reproduction-gap space, from the paper's setting, as a cascade with these
+#: trials per stage (EPS trainings are the dearest; a walk costs seconds once AffinityNet is cached;
+#: ASHA stops weak DeepLab trials at step 100 of 300), then re-runs of the top 2 and the reference with
+#: 2 more seeds each, and the hand-tuned target config run the same way.
+DEMO_SPACE = "synth_gap"
+DEMO_TARGET = "synth"
+DEMO_BUDGETS = {"eps": 4, "affinity": 10, "deeplab": 6}
+DEMO_RESEED = ReseedRecord(top_k=2, seeds=2)
+#: Recorded oracles of the built-in spaces (package data next to the spaces).
+ORACLE_FILE = "oracles.json"
 #: Seed re-runs after a search unless told otherwise: the top 3 configs and the reference, 2 more seeds each.
 DEFAULT_RESEED = ReseedRecord(top_k=3, seeds=2)
 
@@ -389,33 +396,81 @@ def demo(
     *,
     data: str | Path = DEMO_DATA,
     storage: str | Path | None = None,
-    trials: int = DEMO_TRIALS,
+    trials: int | None = None,
     wandb: Literal["offline", "off", "online"] = "offline",
     seed: int = 0,
     cpus_per_trial: float = 1,
     gpus_per_trial: float = 0,
     overrides: Mapping[str, Any] | None = None,
     progress: Literal["rich", "ray", "off"] = "rich",
+    reseed: ReseedRecord | None = None,
 ) -> ExperimentResult:
-    """CLI ``wsss-tune demo``: a real sweep over the whole pipeline on the synthetic dataset.
+    """CLI ``wsss-tune demo``: the reproduction-gap search on the synthetic dataset.
 
     Generates the synthetic dataset (preset ``default``) in ``data`` if that folder is missing (an
-    existing folder is used as it is), runs ``trials`` trials of the
-    ``synth_pipeline`` space (reference setting first, artifact cache on, ``run.cam_baseline`` on),
-    prints the CAM, EPS, refined and DeepLab mIoU (tune and held-out halves) of the reference and the
-    best config, exports the best config and says where the W&B runs, parquet files and best config are.
+    existing folder is used as it is) and runs the ``synth_gap`` space as a cascade from the paper's
+    setting (``synth_paper``): EPS, then the walk, then DeepLab (:data:`DEMO_BUDGETS` trials each, or
+    ``trials`` each), then the seed re-runs of the best configs, the paper setting and the hand-tuned
+    ``synth`` config (:data:`DEMO_RESEED`). Prints the summary, then the gap table: paper setting ->
+    searched -> hand-tuned, tune and held-out, mean +- std over seeds, and how much of the gap the
+    search closed (against the hand-tuned config and against the recorded oracle, :func:`oracle`).
+    Exports the winner's config.
     """
     from wsss_tune.data.synth import generate_synthetic_voc
 
     root = Path(data).expanduser().resolve()
     if not root.exists():
         generate_synthetic_voc(root, preset=DEMO_PRESET, seed=0)
-    # The CAM baseline gives the table its first column (one more EPS training, shared by all trials).
-    overrides = {"run.cam_baseline": True, **(overrides or {})}
-    result = run_sweep("synth_pipeline", data=root, trials=trials, storage=storage, wandb=wandb, seed=seed,
-                       cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, overrides=overrides,
-                       progress=progress, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    budgets = {stage: StageBudget(trials=trials if trials is not None else n) for stage, n in DEMO_BUDGETS.items()}
+    result = run_sweep(DEMO_SPACE, data=root, storage=storage, wandb=wandb, seed=seed, cpus_per_trial=cpus_per_trial,
+                       gpus_per_trial=gpus_per_trial, overrides=overrides, progress=progress, mode="cascade",
+                       stage_budgets=budgets, reseed=reseed or DEMO_RESEED, compare=(DEMO_TARGET,),
+                       name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     print_summary(result)
+    print_gap(result, target=DEMO_TARGET, oracle=oracle(DEMO_SPACE))
     if result.best is not None:
         export(result.path, allow_incomplete=True)
     return result
+
+
+def oracle(space: str) -> dict[str, Any] | None:
+    """The recorded oracle of a built-in space (:data:`ORACLE_FILE`: the best reachable values found
+    once by a large-budget search, ``python -m benchmarks gap --oracle``), or None if none is recorded."""
+    from importlib import resources
+
+    file = resources.files("wsss_tune.search_spaces") / ORACLE_FILE
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = doc.get(space) if isinstance(doc, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def print_gap(result: ExperimentResult, *, target: str, oracle: Mapping[str, Any] | None = None,
+              console: Any = None) -> None:
+    """The gap table (paper setting -> searched -> ``target``, mean +- std over seeds) and the share
+    of the gap closed on the held-out half, against ``target`` and against the recorded ``oracle``."""
+    from rich.console import Console
+
+    from wsss_tune.analysis.tables import gap_closed, gap_table
+
+    console = console or Console(width=SUMMARY_WIDTH)
+    table = gap_table(result, target)
+    _print_table(console, table, ("config", "runs", "tune_mean", "tune_std", "heldout_mean", "heldout_std"))
+    rows = {r.label: r for r in result.seeds}
+    winner = next((r for r in result.seeds if r.winner), None)
+    ref, tgt = rows.get("reference"), rows.get(target)
+    held = gap_closed(winner.heldout_mean if winner else None, ref.heldout_mean if ref else None,
+                      tgt.heldout_mean if tgt else None)
+    console.print(f"gap closed: {_percent(held)} (paper -> hand-tuned {target}, held-out)", highlight=False)
+    if oracle is not None:
+        value = oracle.get(result.heldout_metric)
+        share = gap_closed(winner.heldout_mean if winner else None, ref.heldout_mean if ref else None,
+                           value if isinstance(value, int | float) else None)
+        console.print(f"gap closed: {_percent(share)} (paper -> recorded oracle {_fmt(value)}, held-out; "
+                      f"{oracle.get('source', 'python -m benchmarks gap --oracle')})", highlight=False)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
