@@ -209,11 +209,11 @@ def _rw_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, Any, 
     return history
 
 
-class _Pruned(Exception):
+class Pruned(Exception):
     """Raised from the reporter when ASHA stops a trial (ends the pipeline run mid-stage)."""
 
 
-class _RungReporter:
+class RungReporter:
     """Hands the space's metric to an Optuna trial at each of the stage's reports and stops the run
     when the pruner says so; remembers the values (a cache hit reports none: they are replayed)."""
 
@@ -234,7 +234,7 @@ class _RungReporter:
     def step(self, at: int, value: float) -> None:
         self.trial.report(value, at)
         if self.prune and self.trial.should_prune():
-            raise _Pruned(at)
+            raise Pruned(at)
 
 
 def _deeplab_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, Any, dict[str, Any], float],
@@ -256,7 +256,7 @@ def _deeplab_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, 
     while spent < budget:
         trial = study.ask(dists)
         key = tuple(sorted(trial.params.items()))
-        reporter = _RungReporter(trial, stage="deeplab", metric=space.metric, max_t=f.max_t, prune=tpe)
+        reporter = RungReporter(trial, stage="deeplab", metric=space.metric, max_t=f.max_t, prune=tpe)
         out = root / "runs" / f"dl_{'tpe' if tpe else 'random'}{seed}_{trial.number}"
         try:
             if key in memo:  # this arm asks for a point already trained: replay its curve
@@ -264,7 +264,7 @@ def _deeplab_arm(seed: int, budget: float, *, tpe: bool, setup: tuple[Any, Any, 
                     reporter.step(at, v)
             m = run_pipeline(apply_overrides(cfg, {**_DEEPLAB_OVERRIDES, **trial.params}), stages=space.stages,
                              out_dir=out, reporter=reporter, store=store)
-        except _Pruned as stop:
+        except Pruned as stop:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             history.append((float(stop.args[0]), None))
             spent += stop.args[0]

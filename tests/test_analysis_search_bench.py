@@ -9,8 +9,8 @@ import pytest
 
 from benchmarks.bench_search_efficiency import (
     SURROGATE_MAX_T,
-    _Pruned,
-    _RungReporter,
+    Pruned,
+    RungReporter,
     _surrogate_arm,
     compute_to_target,
     speedup,
@@ -68,19 +68,19 @@ def test_rung_reporter_hands_the_stage_metric_to_the_trial_and_stops_it() -> Non
     """Only the named stage's metric before max_t reaches the trial (other stages, other keys, a
     cache hit's step-less report, the final step 300 and a repeated step do not); a value the pruner rejects ends the run at its step."""
     trial = _FakeTrial(floor=50.0)
-    r = _RungReporter(trial, stage="deeplab", metric="deeplab_miou_tune", max_t=300, prune=True)
+    r = RungReporter(trial, stage="deeplab", metric="deeplab_miou_tune", max_t=300, prune=True)
     r.report({"stage": "eps", "stage_step": 100, "eps_miou_tune": 10.0}, step=100)
     r.report({"stage": "deeplab", "stage_step": 50, "deeplab/loss": 0.3}, step=1050)
     r.report({"stage": "deeplab", "cache_hit": True, "deeplab_miou_tune": 80.0}, step=1000)
     r.report({"stage": "deeplab", "stage_step": 100, "deeplab_miou_tune": 70.0}, step=1100)
     r.report({"stage": "deeplab", "stage_step": 100, "deeplab_miou_tune": 70.0}, step=1100)
     assert trial.reported == [(100, 70.0)] and r.values == [(100, 70.0)]
-    with pytest.raises(_Pruned) as stop:
+    with pytest.raises(Pruned) as stop:
         r.report({"stage": "deeplab", "stage_step": 200, "deeplab_miou_tune": 40.0}, step=1200)
     assert stop.value.args == (200,)
     r.report({"stage": "deeplab", "stage_step": 300, "deeplab_miou_tune": 10.0}, step=1300)
     assert trial.reported == [(100, 70.0), (200, 40.0)]
     # Without pruning (the random arm) the same values never stop the run.
-    keep = _RungReporter(_FakeTrial(floor=50.0), stage="deeplab", metric="deeplab_miou_tune", max_t=300, prune=False)
+    keep = RungReporter(_FakeTrial(floor=50.0), stage="deeplab", metric="deeplab_miou_tune", max_t=300, prune=False)
     keep.report({"stage": "deeplab", "stage_step": 200, "deeplab_miou_tune": 40.0}, step=1200)
     assert keep.values == [(200, 40.0)]

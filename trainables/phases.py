@@ -271,6 +271,7 @@ def _phase_plan(plan: Any, phase: PhaseRecord, space: SearchSpace) -> Any:
 def _study(exp_dir: Path, phase: PhaseRecord, mode: str) -> Any:
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per study would fight the live table
     from .search import STUDY_FILE, study_storage
 
     return optuna.create_study(study_name=phase.study, storage=study_storage(str(exp_dir / STUDY_FILE)),
