@@ -13,7 +13,8 @@ import yaml
 from wsss_tune.config import load_config
 from wsss_tune.spaces import SearchSpace, SpaceError, list_spaces, load_space, space_from_dict
 
-SHIPPED = {"eps", "rw", "deeplab", "pipeline", "synth_eps", "synth_rw", "synth_deeplab", "synth_pipeline"}
+SHIPPED = {"eps", "rw", "deeplab", "pipeline", "synth_eps", "synth_rw", "synth_deeplab", "synth_pipeline",
+           "synth_gap"}
 
 #: A valid space on the built-in ``synth`` config (rw.beta 8.0, rw.logt 3, rw.bg_mode 'power').
 VALID: dict[str, Any] = {
@@ -55,7 +56,8 @@ def test_every_shipped_space_loads_and_validates() -> None:
         assert space.name == name and space.source == spaces[name]
         assert space.metric.endswith("_miou_tune") and space.mode == "max"
         assert space.tune_split != space.heldout_split
-        assert space.base == ("synth" if name.startswith("synth_") else "voc")
+        expected_base = "synth_paper" if name == "synth_gap" else "synth" if name.startswith("synth_") else "voc"
+        assert space.base == expected_base
     for name in ("eps", "rw", "deeplab", "pipeline"):
         twin = loaded[f"synth_{name}"]
         assert [p.path for p in loaded[name].params] == [p.path for p in twin.params]
