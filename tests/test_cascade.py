@@ -434,3 +434,28 @@ def test_a_cascade_freezes_each_stages_best_downstream(synth_root: Path, tmp_pat
     cfg = load_config(export_best(result.path))
     assert cfg.deeplab.lr == pytest.approx(winner.params["deeplab.lr"])
     assert cfg.rw.logt == winner.params["rw.logt"]
+
+
+def test_the_gap_printout_against_the_hand_tuned_config_and_the_recorded_oracle(tmp_path: Path) -> None:
+    """Held-out means: paper 60, winner 66, synth 72; an oracle of 75 gives (66 - 60) / (75 - 60) = 40%."""
+    from rich.console import Console
+
+    from wsss_tune.trainables.sweep import print_gap
+
+    record, trials = _seeded(tmp_path)
+    result = write_experiment(tmp_path, sweep=record, trials=trials, reports=[])
+    console = Console(width=200, record=True)
+    print_gap(result, target="synth", oracle={result.heldout_metric: 75.0, "source": "a benchmark"}, console=console)
+    text = console.export_text()
+    assert "gap closed: 50% (paper -> hand-tuned synth, held-out)" in text
+    assert "gap closed: 40% (paper -> recorded oracle 75" in text and "a benchmark" in text
+
+
+def test_the_shipped_oracle_is_recorded_with_its_source() -> None:
+    """search_spaces/oracles.json holds the synth_gap oracle (held-out and tune means) and how it was found."""
+    from wsss_tune.trainables.sweep import oracle
+
+    entry = oracle("synth_gap")
+    assert entry is not None and entry["source"].startswith("python -m benchmarks gap_oracle")
+    assert 0.0 < entry["deeplab_miou_tune"] <= 100.0 and 0.0 < entry["deeplab_miou_heldout"] <= 100.0
+    assert oracle("no_such_space") is None

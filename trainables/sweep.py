@@ -435,7 +435,7 @@ def demo(
 
 def oracle(space: str) -> dict[str, Any] | None:
     """The recorded oracle of a built-in space (:data:`ORACLE_FILE`: the best reachable values found
-    once by a large-budget search, ``python -m benchmarks gap --oracle``), or None if none is recorded."""
+    once by a large-budget search, ``python -m benchmarks gap_oracle``), or None if none is recorded."""
     from importlib import resources
 
     file = resources.files("wsss_tune.search_spaces") / ORACLE_FILE
@@ -469,7 +469,7 @@ def print_gap(result: ExperimentResult, *, target: str, oracle: Mapping[str, Any
         share = gap_closed(winner.heldout_mean if winner else None, ref.heldout_mean if ref else None,
                            value if isinstance(value, int | float) else None)
         console.print(f"gap closed: {_percent(share)} (paper -> recorded oracle {_fmt(value)}, held-out; "
-                      f"{oracle.get('source', 'python -m benchmarks gap --oracle')})", highlight=False)
+                      f"{oracle.get('source', 'python -m benchmarks gap_oracle')})", highlight=False)
 
 
 def _percent(share: float | None) -> str:
