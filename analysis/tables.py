@@ -55,6 +55,7 @@ __all__ = [
     "stage_infos",
     "artifact_build_seconds",
     "compute_table",
+    "compute_line",
     "experiment_tables",
     "fidelity_attr",
 ]
@@ -518,11 +519,7 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
     GPUs, else CPU core-hours (wall hours x ``cpus_per_trial``).
     """
     infos = stage_infos(exp) if infos is None else infos
-    resources = exp.record.resources
-    gpus = _finite(resources.gpus_per_trial) or 0.0
-    cpus = _finite(resources.cpus_per_trial) or 1.0
-    unit = "GPU-hours" if gpus > 0 else "CPU-hours"
-    scale = gpus if gpus > 0 else cpus
+    unit, scale, per = _compute_unit(exp)
     agg: dict[str, dict[str, Any]] = {}
     unknown = 0
     for stages in infos.values():
@@ -551,7 +548,6 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
                  "hits": sum(a["hits"] for a in agg.values()),
                  "hours": sum(r["hours"] or 0.0 for r in rows), "saved_hours": sum(a["saved"] for a in agg.values())
                  * scale / _HOUR})
-    per = f"{gpus:g} GPU" if gpus > 0 else f"{cpus:g} CPU core(s)"
     note = [f"{unit}: wall hours of each artifact's build x {per} per trial; saved = the same work skipped by "
             "every cache hit"]
     if rest:
@@ -562,6 +558,24 @@ def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mappin
     return Table(name="compute", title=f"Compute spent ({unit})",
                  frame=pd.DataFrame(rows, columns=["stage", "built", "hits", "hours", "saved_hours"]),
                  note="; ".join(note))
+
+
+def _compute_unit(exp: ExperimentResult) -> tuple[str, float, str]:
+    """(unit, devices per trial, their description): GPU-hours when trials had GPUs, else CPU core-hours."""
+    resources = exp.record.resources
+    gpus = _finite(resources.gpus_per_trial) or 0.0
+    cpus = _finite(resources.cpus_per_trial) or 1.0
+    if gpus > 0:
+        return "GPU-hours", gpus, f"{gpus:g} GPU"
+    return "CPU-hours", cpus, f"{cpus:g} CPU core(s)"
+
+
+def compute_line(exp: ExperimentResult) -> str:
+    """One line of :func:`compute_table`'s total: the compute the experiment spent and what the cache saved."""
+    total = compute_table(exp).frame.iloc[-1]
+    unit = _compute_unit(exp)[0]
+    return (f"compute: {total['hours']:.3f} {unit} ({int(total['built'])} builds), {total['saved_hours']:.3f} "
+            f"saved by {int(total['hits'])} cache hits")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -286,8 +286,9 @@ def _oracle(bench: _Bench, reference: Mapping[str, Any]) -> tuple[float, float, 
     return float(held), math.nan, "no oracle for this setting: the best held-out of all arms stands in"
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
-    seeds = SEEDS_QUICK if quick else SEEDS_FULL
+def run(quick: bool, seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """All arms at equal compute; ``seeds`` (sampler seeds per arm) defaults to 3 (1 when ``quick``)."""
+    seeds = seeds if seeds is not None else SEEDS_QUICK if quick else SEEDS_FULL
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bench = _Bench(Path(tmp), quick)

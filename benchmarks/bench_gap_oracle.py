@@ -7,7 +7,8 @@ paper's setting with generous per-stage budgets (:data:`BUDGETS`: about five tim
 compute), then the top 3 configs and the reference re-run with 2 more seeds; the oracle is the
 winner's (best mean tune metric) mean held-out ``deeplab_miou_heldout``. The data is the demo's: the
 ``default`` synthetic preset, generation seed 0. Its row gives the number to record, the winner's
-values, and the compute (build seconds of every artifact the experiment built).
+values, and the compute (the summary's compute line: build time of every artifact the experiment
+built plus the run time of the trials that stopped early; compare it with the demo's).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ BUDGETS_QUICK = {"eps": 2, "affinity": 2, "deeplab": 2}
 
 def run(quick: bool) -> list[dict[str, Any]]:
     from wsss_tune.analysis.results import ReseedRecord
-    from wsss_tune.analysis.tables import artifact_build_seconds
+    from wsss_tune.analysis.tables import compute_line
     from wsss_tune.data import generate_synthetic_voc
     from wsss_tune.trainables.phases import StageBudget
     from wsss_tune.trainables.planning import SMOKE_OVERRIDES
@@ -43,13 +44,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                            reseed=ReseedRecord(top_k=3, seeds=2), compare=("synth",),
                            overrides=SMOKE_OVERRIDES if quick else None)
         wall = time.perf_counter() - t0
-        compute = 0.0
-        for t in result.trials:
-            stages = json.loads((Path(t.run_dir) / "metrics.json").read_text()).get("stages", {}) \
-                if (Path(t.run_dir) / "metrics.json").is_file() else {}
-            for info in stages.values():
-                if not info.get("hit"):
-                    compute += float(artifact_build_seconds(info) or info.get("seconds") or 0.0)
+        compute = compute_line(result)
         rows: list[dict[str, Any]] = []
         for r in result.seeds:
             rows.append({"config": r.label, "winner": r.winner, "runs": len(r.trials), "tune_mean": r.tune_mean,
@@ -59,5 +54,5 @@ def run(quick: bool) -> list[dict[str, Any]]:
                      "heldout_mean": winner.heldout_mean if winner else None,
                      "tune_mean": winner.tune_mean if winner else None,
                      "values": json.dumps(dict(winner.params)) if winner else None,
-                     "trials": result.counts.get("total"), "compute_s": compute, "wall_s": wall})
+                     "trials": result.counts.get("total"), "compute": compute, "wall_s": wall})
     return rows

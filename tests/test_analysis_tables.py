@@ -15,6 +15,7 @@ from wsss_tune.analysis.results import load_experiment
 from wsss_tune.analysis.tables import (
     RAY_TRIAL_ATTR,
     cam_baseline,
+    compute_line,
     compute_table,
     curves_table,
     experiment_tables,
@@ -147,6 +148,9 @@ def test_compute_table(experiment: Path) -> None:
     assert total["hours"] * HOUR == pytest.approx(948.0)
     assert total["saved_hours"] * HOUR == pytest.approx(100 + 10 + 50)
     assert "CPU-hours" in t.title
+    # the summary's line: 948 s = 0.263 h built, 160 s = 0.044 h saved by three hits
+    assert compute_line(load_experiment(experiment)) == \
+        f"compute: 0.263 CPU-hours ({int(total['built'])} builds), 0.044 saved by 3 cache hits"
 
 
 def test_compute_table_gpu_hours(tmp_path: Path, synth_root: Path) -> None:

@@ -51,7 +51,7 @@ from wsss_tune.analysis.results import (
     stage_miou_rows,
     write_sweep,
 )
-from wsss_tune.analysis.tables import gain_lines, phases_table, seeds_table
+from wsss_tune.analysis.tables import compute_line, gain_lines, phases_table, seeds_table
 from wsss_tune.spaces import SearchSpace
 
 from .phases import StageBudget, run_phases
@@ -337,6 +337,7 @@ def print_summary(result: ExperimentResult, *, console: Any = None) -> None:
     c = result.counts
     console.print(f"trials: {c.get('total', 0)} of {result.requested} ({c.get('completed', 0)} completed, "
                   f"{c.get('pruned', 0)} pruned, {c.get('failed', 0)} failed, {c.get('incomplete', 0)} incomplete)")
+    console.print(compute_line(result), highlight=False)
     _print_table(console, phases_table(result), ("search", "metric", "trials", "completed", "pruned", "failed",
                                                   "budget", "best", "frozen_next"))
     seeds = seeds_table(result)
