@@ -105,12 +105,13 @@ DEMO_DATA = "data/synth"
 #: Failed trials the summary lists one by one (with their error line).
 SHOWN_FAILURES = 10
 #: The demo's search: the reproduction-gap space, from the paper's setting, as a cascade with these
-#: trials per stage (EPS trainings are the dearest; a walk costs seconds once AffinityNet is cached;
-#: ASHA stops weak DeepLab trials at step 100 of 300), then re-runs of the top 2 and the reference with
-#: 2 more seeds each, and the hand-tuned target config run the same way.
+#: trials per stage, sized by what a trial costs on 2 cores (an EPS training ~22 s; a walk ~2 s once
+#: EPS and AffinityNet are cached; a DeepLab trial ~7 s on average, ASHA stopping weak ones at step 100
+#: of 300), so that each stage's search takes a similar share of the time; then re-runs of the top 2
+#: and the reference with 2 more seeds each, and the hand-tuned target config run the same way.
 DEMO_SPACE = "synth_gap"
 DEMO_TARGET = "synth"
-DEMO_BUDGETS = {"eps": 4, "affinity": 10, "deeplab": 6}
+DEMO_BUDGETS = {"eps": 4, "affinity": 30, "deeplab": 12}
 DEMO_RESEED = ReseedRecord(top_k=2, seeds=2)
 #: Recorded oracles of the built-in spaces (package data next to the spaces).
 ORACLE_FILE = "oracles.json"
