@@ -32,6 +32,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from wsss_tune.analysis.results import ReseedRecord
     from wsss_tune.analysis.tables import compute_line
     from wsss_tune.data import generate_synthetic_voc
+    from wsss_tune.stages.pipeline import FINGERPRINT_KEY
     from wsss_tune.trainables.phases import StageBudget
     from wsss_tune.trainables.planning import SMOKE_OVERRIDES
     from wsss_tune.trainables.sweep import run_sweep
@@ -56,5 +57,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
                      "heldout_mean": winner.heldout_mean if winner else None,
                      "tune_mean": winner.tune_mean if winner else None,
                      "values": json.dumps(dict(winner.params)) if winner else None,
+                     FINGERPRINT_KEY: result.best.metrics.get(FINGERPRINT_KEY) if result.best else None,
                      "trials": result.counts.get("total"), "compute": compute, "wall_s": wall})
     return rows

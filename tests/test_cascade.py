@@ -440,15 +440,25 @@ def test_the_gap_printout_against_the_hand_tuned_config_and_the_recorded_oracle(
     """Held-out means: paper 60, winner 66, synth 72; an oracle of 75 gives (66 - 60) / (75 - 60) = 40%."""
     from rich.console import Console
 
+    from wsss_tune.stages.pipeline import FINGERPRINT_KEY
     from wsss_tune.trainables.sweep import print_gap
 
     record, trials = _seeded(tmp_path)
+    trials = [dataclasses.replace(t, metrics={**t.metrics, FINGERPRINT_KEY: "abc"}) for t in trials]
     result = write_experiment(tmp_path, sweep=record, trials=trials, reports=[])
     console = Console(width=200, record=True)
-    print_gap(result, target="synth", oracle={result.heldout_metric: 75.0, "source": "a benchmark"}, console=console)
+    oracle = {result.heldout_metric: 75.0, "source": "a benchmark", FINGERPRINT_KEY: "abc"}
+    print_gap(result, target="synth", oracle=oracle, console=console)
     text = console.export_text()
     assert "gap closed: 50% (paper -> hand-tuned synth, held-out)" in text
     assert "gap closed: 40% (paper -> recorded oracle 75" in text and "a benchmark" in text
+    # an oracle found on other data is named, not compared
+    console = Console(width=200, record=True)
+    print_gap(result, target="synth", oracle={**oracle, FINGERPRINT_KEY: "xyz", "data": "seed 0"}, console=console)
+    text = console.export_text()
+    assert "gap closed: 50%" in text
+    assert "recorded oracle 75.00 not compared: it was found on another dataset (seed 0; this data's fingerprint " \
+           "is abc)" in text and "gap closed: 40%" not in text
 
 
 def test_the_shipped_oracle_is_recorded_with_its_source() -> None:

@@ -53,6 +53,7 @@ from wsss_tune.analysis.results import (
 )
 from wsss_tune.analysis.tables import compute_line, gain_lines, phases_table, seeds_table
 from wsss_tune.spaces import SearchSpace
+from wsss_tune.stages.pipeline import FINGERPRINT_KEY
 
 from .phases import StageBudget, run_phases
 from .planning import (
@@ -466,7 +467,14 @@ def print_gap(result: ExperimentResult, *, target: str, oracle: Mapping[str, Any
     held = gap_closed(winner.heldout_mean if winner else None, ref.heldout_mean if ref else None,
                       tgt.heldout_mean if tgt else None)
     console.print(f"gap closed: {_percent(held)} (paper -> hand-tuned {target}, held-out)", highlight=False)
-    if oracle is not None:
+    if oracle is None:
+        return
+    recorded, mine = oracle.get(FINGERPRINT_KEY), result.best.metrics.get(FINGERPRINT_KEY) if result.best else None
+    if recorded and mine and recorded != mine:
+        console.print(f"recorded oracle {_fmt(oracle.get(result.heldout_metric))} not compared: it was found on "
+                      f"another dataset ({oracle.get('data', 'data fingerprint ' + str(recorded))}; this data's "
+                      f"fingerprint is {mine})", highlight=False)
+    else:
         value = oracle.get(result.heldout_metric)
         share = gap_closed(winner.heldout_mean if winner else None, ref.heldout_mean if ref else None,
                            value if isinstance(value, int | float) else None)

@@ -26,10 +26,12 @@ from wsss_tune.reporting import ConsoleReporter, NullReporter, Reporter
 from wsss_tune.stages import graph
 from wsss_tune.utils.io import atomic_write_json
 
-__all__ = ["STAGES", "parse_stages", "run_pipeline", "PipelineRun", "stage_key_parts"]
+__all__ = ["STAGES", "FINGERPRINT_KEY", "parse_stages", "run_pipeline", "PipelineRun", "stage_key_parts"]
 
 #: User-facing stage names of the built-in graph, in order. ``affinity`` includes the random walk.
 STAGES = graph.stage_names()
+#: The run's metric holding its data fingerprint (split ids, labels, file sizes: what keys the cache).
+FINGERPRINT_KEY = "fingerprint"
 
 
 def parse_stages(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -180,7 +182,7 @@ class PipelineRun:
         self.build(graph.needed_artifacts(self.cfg, stages))
         if self.cfg.run.cam_baseline and "eps" in stages:
             self.cam_baseline()
-        result = {**self.metrics, "stages": self.stage_info, "fingerprint": self.fingerprint}
+        result = {**self.metrics, "stages": self.stage_info, FINGERPRINT_KEY: self.fingerprint}
         atomic_write_json(self.out_dir / "metrics.json", result)
         return result
 
