@@ -315,7 +315,7 @@ def run(quick: bool, seeds: tuple[int, ...] | None = None) -> list[dict[str, Any
             oracle_value = max((h for hist in histories.values() for _, t, h in hist if t is not None and h is not None),
                                default=math.nan)
             rows = [_row(r["arm"], r["seed"], histories[(r["arm"], r["seed"])], paper=paper, oracle=oracle_value,
-                         budget=budget, unit=unit, wall=r["wall_s"]) for r in rows]
+                         budget=budget, unit=unit, wall=r["wall_s"]) if r["arm"] in ARMS else r for r in rows]
         rows += _medians(rows, source)
     return rows
 
