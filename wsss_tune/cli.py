@@ -633,7 +633,7 @@ def demo(
     data: Annotated[Path, typer.Option(help="Synthetic dataset folder (generated if missing).")] = Path("data/synth"),
     storage: Annotated[Path | None, typer.Option(help="Folder of experiments (default: ./experiments).")] = None,
     trials: Annotated[int | None, typer.Option(
-        help="Trials of each stage's search (default: EPS 4, walk 30, DeepLab 12).")] = None,
+        help="Trials of each stage's search (default: sized per stage by what its trials cost; the summary lists them).")] = None,
     wandb: WandbOpt = "offline",
     progress: ProgressOpt = "rich",
     allow_failures: AllowFailuresOpt = False,
