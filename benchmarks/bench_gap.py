@@ -286,9 +286,16 @@ def _oracle(bench: _Bench, reference: Mapping[str, Any]) -> tuple[float, float, 
     return float(held), math.nan, "no oracle for this setting: the best held-out of all arms stands in"
 
 
-def run(quick: bool, seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """All arms at equal compute; ``seeds`` (sampler seeds per arm) defaults to 3 (1 when ``quick``)."""
+def run(quick: bool, seeds: tuple[int, ...] | None = None, arms: tuple[str, ...] | None = None,
+        budget_runs: float | None = None) -> list[dict[str, Any]]:
+    """The arms at equal compute. ``seeds`` (sampler seeds per arm) defaults to 3 (1 when ``quick``);
+    ``arms`` (names in :data:`ARMS`) to all of them; ``budget_runs`` (in reference runs of compute) to
+    :data:`BUDGET_FULL` (:data:`BUDGET_QUICK` when ``quick``)."""
     seeds = seeds if seeds is not None else SEEDS_QUICK if quick else SEEDS_FULL
+    unknown = sorted(set(arms or ()) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)}; expected some of: {', '.join(ARMS)}")
+    chosen = {name: arm for name, arm in ARMS.items() if arms is None or name in arms}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bench = _Bench(Path(tmp), quick)
@@ -299,11 +306,11 @@ def run(quick: bool, seeds: tuple[int, ...] | None = None) -> list[dict[str, Any
                            reporter=NullReporter(), store=bench.store)
         unit = bench._charge(ref, set())
         bench.deeplab_seconds = float(ref["stages"]["deeplab_model"].get("build_seconds") or 0.0)
-        budget = unit * (BUDGET_QUICK if quick else BUDGET_FULL)
+        budget = unit * (budget_runs if budget_runs is not None else BUDGET_QUICK if quick else BUDGET_FULL)
         rows += _setting_rows(bench, ref)
         paper, oracle_value, source = _oracle(bench, ref)
         histories: dict[tuple[str, int], list[tuple[float, float | None, float | None]]] = {}
-        for name, arm in ARMS.items():
+        for name, arm in chosen.items():
             for seed in seeds:
                 t0 = time.perf_counter()
                 histories[(name, seed)] = arm(bench, seed, budget)
@@ -316,7 +323,7 @@ def run(quick: bool, seeds: tuple[int, ...] | None = None) -> list[dict[str, Any
                                default=math.nan)
             rows = [_row(r["arm"], r["seed"], histories[(r["arm"], r["seed"])], paper=paper, oracle=oracle_value,
                          budget=budget, unit=unit, wall=r["wall_s"]) if r["arm"] in ARMS else r for r in rows]
-        rows += _medians(rows, source)
+        rows += _medians(rows, source, tuple(chosen))
     return rows
 
 
@@ -355,15 +362,17 @@ def _row(arm: str, seed: int, history: list[tuple[float, float | None, float | N
     return row
 
 
-def _medians(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+def _medians(rows: list[dict[str, Any]], source: str, arms: tuple[str, ...]) -> list[dict[str, Any]]:
     out = []
-    for arm in ARMS:
+    for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
         med: dict[str, Any] = {"arm": arm, "seed": "median", "oracle": source}
         for k in [f"gap@{int(100 * a)}%" for a in CURVE_AT] + ["to_90%_oracle (runs)"]:
             vals = [r[k] for r in mine if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
             med[k] = statistics.median(vals) if vals else None
         out.append(med)
+    if not {"cascade", "joint TPE+ASHA"} <= set(arms):
+        return out
     casc = next(r for r in out if r["arm"] == "cascade")["to_90%_oracle (runs)"]
     joint = next(r for r in out if r["arm"] == "joint TPE+ASHA")["to_90%_oracle (runs)"]
     if casc is not None and joint is not None and math.isfinite(casc) and casc > 0:
