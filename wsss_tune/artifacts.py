@@ -13,6 +13,13 @@ Guarantees:
   start time, host and a heartbeat. A holder whose heartbeat is older than ``stale_after`` (frozen,
   or its host is gone), or whose process no longer runs on this host (same pid and start time:
   :func:`wsss_tune.utils.procs.alive`), is taken over.
+* **Leases without a timing assumption on S3.** An ``s3://`` store claims a lease with a conditional
+  write (PutObject with ``If-None-Match: *``: of concurrent claimants exactly one succeeds) and takes
+  a stale one over, refreshes and releases it with ``If-Match`` on the ETag it read, so two processes
+  never both believe they hold it (:class:`_S3Lease`; boto3 sends these headers, pyarrow cannot). A
+  store first checks that its server honours the conditions; a server that ignores them, and every
+  other remote filesystem, gets the portable lease (:class:`_Lease`): write a claim, wait
+  ``lease_settle`` seconds, read it back, which holds only while one small write takes less time.
 * **Published atomically.** A build writes into a private temporary folder. Locally the folder is
   renamed into place; remotely its files are uploaded and ``MANIFEST.json`` is written last.
   Readers trust only a folder with a manifest, so a crash mid-build leaves nothing trusted.
@@ -96,10 +103,16 @@ DEFAULT_HEARTBEAT = 10.0
 #: pause of a busy host or a slow network filesystem, short enough that a crashed builder on
 #: another host costs minutes, not hours.
 DEFAULT_STALE_AFTER = 120.0
-#: Remote leases wait this long between writing a claim and reading it back; it must exceed the
-#: time between another claimant's read and its write (one small object write, well under a second
-#: on S3/GCS), so that both see the later claim.
+#: Remote leases without conditional writes wait this long between writing a claim and reading it
+#: back; it must exceed the time between another claimant's read and its write (one small object
+#: write, well under a second on S3/GCS), so that both see the later claim.
 DEFAULT_LEASE_SETTLE = 0.5
+#: What installs boto3, which ``s3://`` stores need for their conditional-write leases.
+S3_EXTRA_HINT = "pip install 'wsss-tune[s3]'"
+#: HTTP statuses of a conditional S3 request whose condition did not hold: 412 Precondition Failed,
+#: and 409 ConditionalRequestConflict (another conditional write to the same object was in flight).
+#: ``If-Match`` on an object that is gone also fails, with 404.
+_S3_LOST = (409, 412)
 #: Waiters look for the published artifact (and retry the lock) this often (seconds).
 DEFAULT_POLL = 0.5
 _LOCKS = ".locks"
@@ -516,6 +529,23 @@ class _Lease:
     def break_if_stale(self) -> _Owner | None:
         return None  # try_acquire takes over stale leases itself
 
+    def discard_if_stale(self, now: float) -> bool:
+        """Delete the lease if its holder is stale (for ``gc``); True if it was deleted."""
+        owner = self.holder()
+        if owner is None or not owner.stale(now, self.stale_after):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path)
+        return True
+
+
+def _owner_or_age(blob: bytes, mtime: float) -> _Owner:
+    """The owner in a lease record; an unreadable record is judged by its age (``mtime``)."""
+    owner = _Owner.from_bytes(blob)
+    if owner is None:
+        owner = _Owner(token="?", pid=-1, host="?", started=mtime, heartbeat=mtime)
+    return owner
+
 
 def _lease_holder(fs: pafs.FileSystem, path: str) -> _Owner | None:
     """The owner recorded in the lease file ``path``; an unreadable record is judged by the file's age."""
@@ -525,9 +555,283 @@ def _lease_holder(fs: pafs.FileSystem, path: str) -> _Owner | None:
     owner = _Owner.from_bytes(blob)
     if owner is None:
         info = fs.get_file_info(path)
-        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-        owner = _Owner(token="?", pid=-1, host="?", started=mtime, heartbeat=mtime)
+        owner = _owner_or_age(blob, info.mtime.timestamp() if info.mtime is not None else 0.0)
     return owner
+
+
+def _s3_options(fs: pafs.FileSystem) -> dict[str, Any] | None:
+    """The options a pyarrow ``S3FileSystem`` was made with (endpoint, region, credentials ...), read
+    from its pickling recipe (how Ray ships it to workers); None if this pyarrow does not give them."""
+    try:
+        args = fs.__reduce__()[1]
+        opts = args[0] if len(args) == 1 else None
+    except (TypeError, IndexError, AttributeError):
+        return None
+    return dict(opts) if isinstance(opts, Mapping) else None
+
+
+class _S3Conditional:
+    """Conditional writes and deletes of small objects on the S3 server of a pyarrow ``S3FileSystem``.
+
+    pyarrow cannot send ``If-None-Match`` / ``If-Match``, so these go through a boto3 client set up
+    like the filesystem: its endpoint, scheme, region, proxy and CA file, and its access key if it was
+    given one (else boto3 finds credentials the usual way: ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE`` /
+    instance roles). Paths are pyarrow's ``bucket/key``. The client is made on first use and is not
+    pickled.
+    """
+
+    def __init__(self, client_kwargs: dict[str, Any], where: str) -> None:
+        self._kwargs = client_kwargs
+        self.where = where
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @classmethod
+    def for_filesystem(cls, fs: pafs.FileSystem, uri: str) -> _S3Conditional | None:
+        """The writer for ``fs``; None (with a warning saying why) when ``fs``'s options cannot be
+        read or need a credential source this client is not given (an assumed role)."""
+        try:
+            import boto3  # noqa: F401  (imported here: only s3:// stores need it)
+            from botocore.config import Config
+        except ImportError:
+            raise ImportError(f"artifact store {uri!r}: an s3:// store claims its builds with S3 conditional "
+                              f"writes, which need boto3; install it with: {S3_EXTRA_HINT}") from None
+        opts = _s3_options(fs)
+        if opts is None or opts.get("role_arn"):
+            why = "assumes a role (role_arn)" if opts else "does not expose its options"
+            log.warning("artifact store %s: the S3 filesystem %s, so builds are claimed with the portable "
+                        "lease (write, wait lease_settle seconds, read back) instead of conditional writes", uri, why)
+            return None
+        scheme = opts.get("scheme") or "https"
+        endpoint = opts.get("endpoint_override") or None
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{scheme}://{endpoint}"
+        config: dict[str, Any] = {
+            "retries": {"mode": "standard", "max_attempts": 5},
+            "s3": {"addressing_style": "virtual" if opts.get("force_virtual_addressing")
+                   else "path" if endpoint else "auto"},
+            # Lease records are tiny; checksum trailers only trouble older S3-compatible servers.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+        for ours, theirs in (("connect_timeout", "connect_timeout"), ("read_timeout", "request_timeout")):
+            if (opts.get(theirs) or -1) > 0:
+                config[ours] = float(opts[theirs])
+        proxy = opts.get("proxy_options") or {}
+        if isinstance(proxy, Mapping) and proxy.get("host"):
+            auth = f"{proxy['username']}:{proxy.get('password', '')}@" if proxy.get("username") else ""
+            port = f":{proxy['port']}" if (proxy.get("port") or -1) > 0 else ""
+            url = f"{proxy.get('scheme') or 'http'}://{auth}{proxy['host']}{port}"
+            config["proxies"] = {"http": url, "https": url}
+        kwargs: dict[str, Any] = {"endpoint_url": endpoint, "region_name": opts.get("region") or None}
+        if opts.get("anonymous"):
+            from botocore import UNSIGNED
+
+            config["signature_version"] = UNSIGNED
+        elif opts.get("access_key"):
+            kwargs.update(aws_access_key_id=opts["access_key"], aws_secret_access_key=opts.get("secret_key"),
+                          aws_session_token=opts.get("session_token") or None)
+        if opts.get("tls_ca_file_path"):
+            kwargs["verify"] = opts["tls_ca_file_path"]
+        kwargs["config"] = Config(**config)
+        return cls(kwargs, where=endpoint or "AWS S3")
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.session.Session().client("s3", **self._kwargs)
+        return self._client
+
+    @staticmethod
+    def _split(path: str) -> dict[str, str]:
+        bucket, _, key = path.partition("/")
+        return {"Bucket": bucket, "Key": key}
+
+    @staticmethod
+    def _status(exc: Exception) -> int | None:
+        response = getattr(exc, "response", None)
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+
+    def read(self, path: str) -> tuple[bytes, str, float] | None:
+        """``(bytes, ETag, mtime)`` of the object ``path``, or None if there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            reply = self.client.get_object(**self._split(path))
+        except ClientError as exc:
+            if self._status(exc) == 404:
+                return None
+            raise
+        with contextlib.closing(reply["Body"]) as body:
+            blob = body.read()
+        return blob, reply["ETag"], reply["LastModified"].timestamp()
+
+    def put(self, path: str, blob: bytes, *, if_match: str | None = None) -> str | None:
+        """Write ``blob`` to ``path`` if no object is there (``if_match`` None) or the one there has the
+        ETag ``if_match``; the new ETag, or None when the condition did not hold."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
+        try:
+            return str(self.client.put_object(Body=blob, **self._split(path), **condition)["ETag"])
+        except ClientError as exc:
+            status = self._status(exc)
+            if status in _S3_LOST or (if_match is not None and status == 404):
+                return None
+            raise
+
+    def delete(self, path: str, if_match: str | None) -> bool:
+        """Delete ``path`` if its ETag is ``if_match`` (always, with None); False when the condition did
+        not hold or the object is gone."""
+        from botocore.exceptions import ClientError
+
+        condition = {} if if_match is None else {"IfMatch": if_match}
+        try:
+            self.client.delete_object(**self._split(path), **condition)
+        except ClientError as exc:
+            if self._status(exc) in (*_S3_LOST, 404):
+                return False
+            raise
+        return True
+
+    def ignored_conditions(self, folder: str) -> builtins.list[str]:
+        """The conditions this server ignores or refuses (empty: all honoured), found by conditional
+        writes to a new probe object under ``folder`` that must fail, then deleting it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        path = posixpath.join(folder, f".probe.{secrets.token_hex(6)}.tmp")
+        ignored: builtins.list[str] = []
+        try:
+            created = self.put(path, b"probe")
+        except (ClientError, BotoCoreError) as exc:
+            raise OSError(f"S3 server {self.where}: cannot write the probe object {path} ({exc}); expected a "
+                          "bucket these credentials may write (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                          "AWS_PROFILE) at that endpoint") from exc
+        if created is None:
+            raise OSError(f"S3 server {self.where}: creating the new object {path} with If-None-Match failed; "
+                          "expected it to succeed (nothing else writes that name)")
+        # Each attempt's condition does not hold, so each must be refused; True means it happened.
+        checks: tuple[tuple[str, Callable[[], bool]], ...] = (
+            ("If-None-Match on PutObject", lambda: self.put(path, b"again") is not None),
+            ("If-Match on PutObject", lambda: self.put(path, b"again", if_match='"0"') is not None),
+            ("If-Match on DeleteObject", lambda: self.delete(path, '"0"')),
+        )
+        try:
+            for name, attempt in checks:
+                try:
+                    if attempt():
+                        ignored.append(name)
+                except (ClientError, BotoCoreError) as exc:  # e.g. 501 Not Implemented, or an older
+                    ignored.append(f"{name} ({exc})")     # botocore without the parameter: not usable
+        finally:
+            self.delete(path, None)
+        return ignored
+
+
+class _S3Lease:
+    """Lease object on S3 claimed with conditional writes: no step depends on timing.
+
+    * **Claim**: PutObject with ``If-None-Match: *`` creates the lease only if there is none; of
+      claimants racing for a free lease, S3 lets exactly one succeed (the others get 412 or 409).
+    * **Takeover**: a stale lease (its holder dead on this host, or its heartbeat older than
+      ``stale_after``) is overwritten with ``If-Match: <the ETag read>``: of the processes that judged
+      the same record stale exactly one succeeds, and if the holder refreshed in between (it was only
+      slow), the ETag changed and nobody takes it.
+    * **Refresh** overwrites with ``If-Match`` on our own last ETag, so a holder that was taken over
+      learns it (and stops refreshing) instead of silently reclaiming the lease.
+    * **Release** (and ``gc`` of a stale lease) deletes with ``If-Match``, so it never removes a
+      successor's lease. Where the server ignores conditional deletes (the store checks on first use)
+      it reads the ETag and then deletes: a holder that was frozen past ``stale_after`` and taken over
+      between that read and the delete could remove its successor's lease.
+
+    A retried request whose first attempt landed gets 412 on the retry; the lease then reads the
+    record back and counts it as held when it carries this lease's token.
+    """
+
+    def __init__(self, *, s3: _S3Conditional, path: str, stale_after: float, exact_delete: bool) -> None:
+        self.s3 = s3
+        self.path = path
+        self.stale_after = stale_after
+        self.exact_delete = exact_delete
+        self.previous: _Owner | None = None
+        self._token = secrets.token_hex(8)
+        self._started = 0.0
+        self._etag: str | None = None
+
+    def _record(self) -> bytes:
+        return _Owner.mine(self._token, self._started).to_bytes()
+
+    def _current(self) -> tuple[_Owner, str] | None:
+        found = self.s3.read(self.path)
+        if found is None:
+            return None
+        blob, etag, mtime = found
+        return _owner_or_age(blob, mtime), etag
+
+    def _ours(self) -> str | None:
+        """The lease's ETag if the record there is ours (a write whose reply was lost), else None."""
+        current = self._current()
+        return current[1] if current is not None and current[0].token == self._token else None
+
+    def holder(self) -> _Owner | None:
+        current = self._current()
+        return None if current is None else current[0]
+
+    def try_acquire(self) -> bool:
+        now = time.time()
+        current = self._current()
+        self._started = now
+        self.previous = None
+        if current is None:
+            self._etag = self.s3.put(self.path, self._record())
+        else:
+            owner, etag = current
+            if owner.token == self._token:
+                self._etag = etag
+                return True
+            if not owner.stale(now, self.stale_after):
+                return False
+            log.warning("taking over the lease %s from %s", self.path, owner.describe(now))
+            self.previous = owner
+            self._etag = self.s3.put(self.path, self._record(), if_match=etag)
+        if self._etag is None:
+            self._etag = self._ours()
+        return self._etag is not None
+
+    def refresh(self) -> None:
+        if self._etag is None:
+            return
+        etag = self.s3.put(self.path, self._record(), if_match=self._etag) or self._ours()
+        if etag is None:
+            current = self.holder()
+            log.warning("lost the lease %s to %s; finishing the build anyway", self.path,
+                        current.describe(time.time()) if current else "nobody")
+        self._etag = etag
+
+    def release(self) -> None:
+        etag, self._etag = self._etag, None
+        if etag is None:
+            return
+        if self.exact_delete:
+            self.s3.delete(self.path, etag)
+            return
+        current = self._current()
+        if current is not None and current[1] == etag:
+            self.s3.delete(self.path, None)
+
+    def break_if_stale(self) -> _Owner | None:
+        return None  # try_acquire takes over stale leases itself
+
+    def discard_if_stale(self, now: float) -> bool:
+        """Delete the lease if its holder is stale (for ``gc``); True if it was deleted."""
+        current = self._current()
+        if current is None or not current[0].stale(now, self.stale_after):
+            return False
+        return self.s3.delete(self.path, current[1] if self.exact_delete else None)
 
 
 class _Heartbeat:
@@ -584,7 +888,12 @@ class ArtifactStore:
             very large artifacts, but misses same-size corruption). Downloads are always hashed.
         heartbeat: Seconds between a builder's owner-record refreshes.
         stale_after: A holder silent for this long is considered dead and taken over.
-        lease_settle: Remote leases: seconds between writing a claim and reading it back.
+        lease_settle: Remote leases without conditional writes (every remote store but ``s3://`` on a
+            server that honours them; see :attr:`claim_mode`): seconds between writing a claim and
+            reading it back.
+
+    Raises:
+        ImportError: an ``s3://`` store without boto3 installed (``pip install 'wsss-tune[s3]'``).
     """
 
     def __init__(
@@ -623,6 +932,12 @@ class ArtifactStore:
         else:
             self._fs, self._rroot = None, ""
         self._root = Path(uri).expanduser().resolve() if self._fs is None else None
+        # s3:// stores claim builds with conditional writes once the server is seen to honour them
+        # (checked on the first claim); None: the portable lease.
+        self._s3 = (_S3Conditional.for_filesystem(self._fs, uri)
+                    if self._fs is not None and self._fs.type_name == "s3" else None)
+        self._s3_checked = False
+        self._s3_exact_delete = True
         ident = self.uri if filesystem is None else f"{filesystem.type_name}:{getattr(filesystem, 'base_path', '')}:{uri}"
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else _default_cache_root() / config_hash(ident)
         self.hits = 0
@@ -641,6 +956,33 @@ class ArtifactStore:
     def is_remote(self) -> bool:
         """True when the store goes through a pyarrow filesystem (leases, upload, local cache)."""
         return self._fs is not None
+
+    @property
+    def claim_mode(self) -> Literal["file lock", "conditional write", "settle"]:
+        """How processes agree on who builds an artifact: ``file lock`` (a local store), ``conditional
+        write`` (an ``s3://`` store whose server honours ``If-None-Match`` / ``If-Match``; no timing
+        assumption) or ``settle`` (other remote stores: write a claim, wait ``lease_settle``, read it
+        back). For an ``s3://`` store the first call checks the server with a probe object."""
+        if self._fs is None:
+            return "file lock"
+        return "conditional write" if self._conditional() is not None else "settle"
+
+    def _conditional(self) -> _S3Conditional | None:
+        """The conditional writer for this store's leases, once its server is seen to honour the
+        conditions (checked once per store object); None for the portable lease."""
+        if self._s3 is not None and not self._s3_checked:
+            ignored = self._s3.ignored_conditions(posixpath.join(self._rroot, _LOCKS))
+            if any(name.startswith(("If-None-Match on PutObject", "If-Match on PutObject")) for name in ignored):
+                log.warning("artifact store %s: the S3 server %s ignores or refuses %s; builds are claimed with "
+                            "the portable lease (write, wait %.2fs, read back) instead of conditional writes",
+                            self.uri, self._s3.where, "; ".join(ignored), self.lease_settle)
+                self._s3 = None
+            elif ignored:
+                log.warning("artifact store %s: the S3 server %s ignores or refuses %s; a lease is released by "
+                            "reading its ETag and then deleting it", self.uri, self._s3.where, ignored[0])
+                self._s3_exact_delete = False
+            self._s3_checked = True
+        return self._s3
 
     # ---- keys and paths ------------------------------------------------------------------------
 
@@ -680,8 +1022,15 @@ class ArtifactStore:
             assert self._root is not None
             return _LocalLock(path=self._root / _LOCKS / key.stage / f"{key.digest}.lock",
                               stale_after=self.stale_after)
-        return _Lease(fs=self._fs, path=posixpath.join(self._rroot, _LOCKS, key.stage, f"{key.digest}.lease"),
-                      stale_after=self.stale_after, settle=self.lease_settle)
+        return self._lease_at(posixpath.join(self._rroot, _LOCKS, key.stage, f"{key.digest}.lease"))
+
+    def _lease_at(self, path: str) -> _Lease | _S3Lease:
+        """The remote lease at ``path``: conditional writes where the server honours them."""
+        assert self._fs is not None
+        s3 = self._conditional()
+        if s3 is not None:
+            return _S3Lease(s3=s3, path=path, stale_after=self.stale_after, exact_delete=self._s3_exact_delete)
+        return _Lease(fs=self._fs, path=path, stale_after=self.stale_after, settle=self.lease_settle)
 
     def _cache_filelock(self, key: ArtifactKey) -> filelock.BaseFileLock:
         """Serialises this host's processes that fill or replace the same cache entry."""
@@ -1168,12 +1517,12 @@ class ArtifactStore:
             if info.type != pafs.FileType.File:
                 continue
             if info.base_name.endswith(".lease"):
-                owner = _lease_holder(self._fs, info.path)
-                stale = owner is not None and owner.stale(now, self.stale_after)
-            else:  # a claim interrupted between its write and its move
-                mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-                stale = info.base_name.endswith(".tmp") and now - mtime > self.stale_after
-            if stale:
+                if self._lease_at(info.path).discard_if_stale(now):
+                    cleaned.append(info.path)
+                continue
+            # a claim interrupted between its write and its move, or a server probe of a killed process
+            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+            if info.base_name.endswith(".tmp") and now - mtime > self.stale_after:
                 with contextlib.suppress(FileNotFoundError):
                     self._fs.delete_file(info.path)
                 cleaned.append(info.path)
