@@ -4,9 +4,9 @@ An experiment folder holds, next to Ray Tune's own files:
 
 ==================  ===========================================================================
 ``sweep.json``      what was asked for, written before the search starts (:data:`SWEEP_FILE`)
-``trials.parquet``  one row per trial: id, status, error, searched values (``config/<path>``), final
-                    metrics, run folder (:data:`TRIALS_FILE`)
-``reports.parquet`` one row per report of every trial (stage, step, fidelity, metrics)
+``trials.parquet``  one row per trial: id, status, error, searched values, final metrics, run folder
+                    (:data:`TRIALS_FILE`)
+``reports.parquet`` one row per report of every trial (stage, step, fidelity, time, metrics)
 ``experiment.json`` the sweep plus counts, the best trial and the reference trial
 ``optuna.db``       the Optuna study (``optuna-dashboard sqlite:///<folder>/optuna.db``)
 ``runs/<trial>/``   each trial's resolved ``config.yaml`` and ``metrics.json``
@@ -20,6 +20,12 @@ An experiment folder holds, next to Ray Tune's own files:
 :meth:`ExperimentRecord.from_json`. The files carry a ``version`` (:data:`RECORD_VERSION`); a newer or
 unknown one is refused with the file's name, and files without one (written before the record was
 versioned) read as version 1.
+
+**The parquet files** have one fixed schema whatever the experiment (:mod:`wsss_tune.analysis.schema`,
+``docs/results.md``): fixed typed columns plus ``params`` / ``metrics`` / ``tags`` map columns for
+what varies with the space and the stages. Files written before that schema (version 1: one column
+per searched value, ``config/<path>``, and per metric, types guessed from the values) are converted
+when read; ``wsss-tune results rebuild`` rewrites them in the current schema.
 
 **Self-contained folders.** Every path these files hold that points inside the experiment folder (the
 study, the run folders, the W&B folder) is written relative to the folder and resolved against the
@@ -55,6 +61,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from wsss_tune.analysis import schema
 from wsss_tune.spaces import HELDOUT_SUFFIX, TUNE_SUFFIX, SearchSpace
 from wsss_tune.stages import graph
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_json
@@ -95,6 +102,7 @@ __all__ = [
     "write_experiment",
     "load_experiment",
     "read_trials_table",
+    "read_reports_table",
     "rebuild_hint",
     "resolve_paths",
     "run_dir_in",
@@ -108,11 +116,12 @@ EXPERIMENT_FILE = "experiment.json"
 #: Folder of the trials' run folders inside the experiment folder.
 RUNS_DIR = "runs"
 STATUSES = ("completed", "pruned", "failed", "incomplete")
-#: Prefix of the searched-value columns of ``trials.parquet`` (``config/eps.tau``, as Ray names them).
+#: Prefix of the searched-value columns of a version-1 ``trials.parquet`` (``config/eps.tau``, as Ray
+#: names them); the current schema keeps them in its ``params`` column.
 PARAM_PREFIX = "config/"
-#: Fixed columns of ``trials.parquet`` (metrics take the other columns).
-_TRIAL_COLUMNS = ("trial_id", "phase", "status", "error", "reference", "run_dir", "reports", "seconds",
-                  "resumed_from")
+#: Fixed columns of a version-1 ``trials.parquet`` (metrics took the other columns).
+_V1_TRIAL_COLUMNS = ("trial_id", "phase", "status", "error", "reference", "run_dir", "reports", "seconds",
+                     "resumed_from")
 #: Relative tolerance when matching a trial's values to the reference point (floats pass through
 #: Optuna and JSON exactly, so this only absorbs representation noise).
 _REF_REL_TOL = 1e-9
@@ -797,6 +806,9 @@ class TrialRecord:
     resumed_from: tuple[str, ...] = ()
     #: The search the trial belongs to (:attr:`PhaseRecord.name`; empty for a one-search experiment).
     phase: str = ""
+    #: Times of the trial's first and last report, in seconds since the epoch (None: unknown).
+    first_report: float | None = None
+    last_report: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -1014,16 +1026,13 @@ class ExperimentResult:
         raise KeyError(f"{self.path}: no trial {trial_id!r} (trials: {', '.join(t.trial_id for t in self.trials)})")
 
     def reports(self) -> pa.Table:
-        """Every report of every trial (``reports.parquet``).
+        """Every report of every trial (``reports.parquet``) in the current schema
+        (:data:`~wsss_tune.analysis.schema.REPORTS_SCHEMA`; a version-1 file is converted).
 
         Raises:
             ResultsError: the file is missing or unreadable (the message says how to rebuild it).
         """
-        file = self.path / REPORTS_FILE
-        try:
-            return pq.read_table(file)
-        except (OSError, pa.ArrowException) as exc:
-            raise ResultsError(f"{file} is unreadable ({_why(exc)}); {rebuild_hint(self.path)}") from None
+        return read_reports_table(self.path, experiment=self.name)
 
     def describe_incomplete(self) -> str:
         """One line saying what is missing, for error messages."""
@@ -1041,43 +1050,51 @@ class ExperimentResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def _column(values: list[Any]) -> pa.Array:
-    """One column from Python values: bool, int, float or string (mixed numbers become float;
-    anything else mixed becomes text), None as null."""
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, bool) for v in present):
-        return pa.array(values, type=pa.bool_())
-    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        return pa.array(values, type=pa.int64())
-    if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
-        return pa.array([None if v is None else float(v) for v in values], type=pa.float64())
-    if not present:
-        return pa.array(values, type=pa.null())
-    return pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v, default=str))
-                     for v in values], type=pa.string())
-
-
-def _table(rows: Sequence[Mapping[str, Any]], first: Sequence[str] = ()) -> pa.Table:
-    names = list(first)
-    for r in rows:
-        names += [k for k in r if k not in names]
-    return pa.table({n: _column([r.get(n) for r in rows]) for n in names})
-
-
 def _write_parquet(table: pa.Table, path: Path) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def _trial_row(t: TrialRecord, exp_dir: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status, "error": t.error, "reference": t.reference,
-                           "run_dir": _relative(t.run_dir, exp_dir) if t.run_dir else "", "reports": t.reports,
-                           "seconds": t.seconds, "resumed_from": ",".join(t.resumed_from) or None,
-                           "phase": t.phase or None}
-    row.update({PARAM_PREFIX + k: v for k, v in t.params.items()})
-    row.update({k: v for k, v in t.metrics.items() if k not in row})
-    return row
+def _trial_row(t: TrialRecord, exp_dir: Path, *, experiment: str, metric: str) -> dict[str, Any]:
+    """A ``trials.parquet`` row (:data:`~wsss_tune.analysis.schema.TRIALS_COLUMNS`) of ``t``; ``metric``
+    is the searched metric of its phase (its ``objective``)."""
+    keyed = {c.key: c.name for c in schema.TRIALS_COLUMNS if c.key}
+    row: dict[str, Any] = {
+        "experiment": experiment, "trial_id": t.trial_id, "phase": t.phase or None, "status": t.status,
+        "pruned": t.status == "pruned", "reference": t.reference, "error": t.error,
+        "objective": t.value(metric) if t.status == "completed" else None,
+        "run_dir": _relative(t.run_dir, exp_dir) if t.run_dir else "", "reports": t.reports, "seconds": t.seconds,
+        "first_report": t.first_report, "last_report": t.last_report, "resumed_from": list(t.resumed_from),
+        "params": sorted((str(k), schema.encode_param(v)) for k, v in t.params.items()),
+    }
+    rest: dict[str, Any] = {}
+    for k, v in t.metrics.items():
+        if k in keyed:
+            row[keyed[k]] = v
+        elif k not in schema.DROPPED_KEYS and k not in schema.REPORT_ONLY_KEYS:
+            rest[k] = v
+    row["metrics"], row["tags"] = schema.split_values(rest)
+    where = f"trial {t.trial_id}"
+    return {c.name: schema.cell_value(c, row.get(c.name), where) for c in schema.TRIALS_COLUMNS}
+
+
+def _trials_table(trials: Sequence[TrialRecord], record: ExperimentRecord, exp_dir: Path) -> pa.Table:
+    phase_metric = {p.name: p.metric for p in record.phases}
+    rows = [_trial_row(t, exp_dir, experiment=record.name, metric=phase_metric.get(t.phase, record.metric))
+            for t in trials]
+    return pa.Table.from_pylist(rows, schema=schema.TRIALS_SCHEMA)
+
+
+def _reports_table(reports: Sequence[Mapping[str, Any]], experiment: str) -> pa.Table:
+    """``reports.parquet`` of ``reports`` (Ray results, each with ``trial_id``).
+
+    Raises:
+        ValueError: a report lacks its trial id or holds a value of the wrong type (naming them).
+    """
+    rows = [schema.report_row(r, experiment=experiment, where=f"report {i} (trial {r.get('trial_id')!r})")
+            for i, r in enumerate(reports)]
+    return pa.Table.from_pylist(rows, schema=schema.REPORTS_SCHEMA)
 
 
 def write_experiment(
@@ -1098,6 +1115,10 @@ def write_experiment(
         reports: One dict per report, each with ``trial_id``.
         notes: Problems met while gathering the results (damaged sources that were skipped), kept in
             ``experiment.json`` as ``warnings``.
+
+    Raises:
+        ValueError: a trial or a report holds a value of the wrong type for its column (naming the
+            trial, the field and the value); no file is written then.
     """
     path = Path(path).expanduser().resolve()
     record = sweep if isinstance(sweep, ExperimentRecord) else ExperimentRecord.from_dict(sweep)
@@ -1121,8 +1142,10 @@ def write_experiment(
             gain_heldout = sign * (winner.heldout_mean - ref_row.heldout_mean)
     counts = {s: sum(t.status == s for t in trials) for s in STATUSES}
     counts["total"] = len(trials)
-    _write_parquet(_table([_trial_row(t, path) for t in trials], first=_TRIAL_COLUMNS), path / TRIALS_FILE)
-    _write_parquet(_table(reports, first=("trial_id",)), path / REPORTS_FILE)
+    trials_table = _trials_table(trials, record, path)  # both built before either file is replaced
+    reports_table = _reports_table(reports, record.name)
+    _write_parquet(trials_table, path / TRIALS_FILE)
+    _write_parquet(reports_table, path / REPORTS_FILE)
     outcome = OutcomeRecord(
         counts=counts,
         complete=_complete(counts, record.requested) if not record.phases
@@ -1142,12 +1165,45 @@ def write_experiment(
     return ExperimentResult(path=path, record=record, trials=tuple(trials), best=best, reference=ref)
 
 
+def _file_version(table: pa.Table, name: str, file: Path) -> int:
+    """The schema version of a results table read from ``file`` (1 for a file without one)."""
+    tag = (table.schema.metadata or {}).get(schema.SCHEMA_KEY)
+    if tag is None:
+        return 1
+    kind, _, version = tag.decode(errors="replace").partition("/")
+    if kind != name or not version.isdigit():
+        raise ResultsError(f"{file}: holds the {kind!r} table (schema tag {tag!r}), expected {name!r}")
+    if int(version) > schema.SCHEMA_VERSION:
+        raise ResultsError(f"{file}: results schema version {version} is newer than this wsss-tune reads "
+                           f"(versions 1 to {schema.SCHEMA_VERSION}); read it with the wsss-tune that wrote it")
+    return int(version)
+
+
 def _records(table: pa.Table, exp_dir: Path) -> list[TrialRecord]:
+    """The trial records of a current-schema ``trials.parquet``: the map columns and the columns that
+    hold a result key (``num_failures``, ``node_id``, ...) become :attr:`TrialRecord.metrics` again."""
+    keyed = [(c.name, c.key) for c in schema.TRIALS_COLUMNS if c.key]
+    out = []
+    for row in table.to_pylist():
+        metrics: dict[str, Any] = {**dict(row["metrics"] or ()), **dict(row["tags"] or ())}
+        metrics.update({key: row[name] for name, key in keyed if row[name] is not None})
+        out.append(TrialRecord(
+            trial_id=row["trial_id"], status=row["status"],
+            params={k: schema.decode_param(v) for k, v in row["params"] or ()}, metrics=metrics,
+            error=row["error"], run_dir=run_dir_in(exp_dir, row["run_dir"] or "", row["trial_id"]),
+            reference=bool(row["reference"]), reports=int(row["reports"] or 0), seconds=row["seconds"],
+            resumed_from=tuple(row["resumed_from"] or ()), phase=row["phase"] or "",
+            first_report=schema.to_epoch(row["first_report"]), last_report=schema.to_epoch(row["last_report"])))
+    return out
+
+
+def _records_v1(table: pa.Table, exp_dir: Path) -> list[TrialRecord]:
+    """The trial records of a version-1 ``trials.parquet`` (one column per searched value and metric)."""
     out = []
     for row in table.to_pylist():
         params = {k[len(PARAM_PREFIX):]: v for k, v in row.items() if k.startswith(PARAM_PREFIX) and v is not None}
         metrics = {k: v for k, v in row.items()
-                   if k not in _TRIAL_COLUMNS and not k.startswith(PARAM_PREFIX) and v is not None}
+                   if k not in _V1_TRIAL_COLUMNS and not k.startswith(PARAM_PREFIX) and v is not None}
         out.append(TrialRecord(trial_id=row["trial_id"], status=row["status"], params=params, metrics=metrics,
                                error=row.get("error"),
                                run_dir=run_dir_in(exp_dir, row.get("run_dir") or "", row["trial_id"]),
@@ -1158,20 +1214,60 @@ def _records(table: pa.Table, exp_dir: Path) -> list[TrialRecord]:
     return out
 
 
+def _read_parquet(file: Path, exp_dir: Path) -> pa.Table:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    try:
+        return pq.read_table(file)
+    except (OSError, pa.ArrowException) as exc:
+        raise ResultsError(f"{file} is unreadable ({_why(exc)}); {rebuild_hint(exp_dir)}") from None
+
+
 def read_trials_table(path: str | Path) -> list[TrialRecord]:
-    """The records of ``<path>/trials.parquet`` (run folders resolved in ``path``).
+    """The records of ``<path>/trials.parquet`` (run folders resolved in ``path``; a version-1 file
+    is converted).
 
     Raises:
         FileNotFoundError: no such file. ResultsError: it is unreadable (the message says how to rebuild it).
     """
     path = Path(path).expanduser().resolve()
     file = path / TRIALS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file")
+    table = _read_parquet(file, path)
+    version = _file_version(table, "trials", file)
     try:
-        table = pq.read_table(file)
+        if version == 1:
+            return _records_v1(table, path)
+        if not table.schema.equals(schema.TRIALS_SCHEMA):
+            raise ValueError(f"its columns differ from the trials schema version {version} "
+                             f"({', '.join(table.schema.names)})")
         return _records(table, path)
-    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
+    except (pa.ArrowException, KeyError, TypeError, ValueError) as exc:
+        raise ResultsError(f"{file} is unreadable ({_why(exc)}); {rebuild_hint(path)}") from None
+
+
+def read_reports_table(path: str | Path, *, experiment: str) -> pa.Table:
+    """``<path>/reports.parquet`` in the current schema (:data:`~wsss_tune.analysis.schema.REPORTS_SCHEMA`):
+    a version-1 file (one column per metric) is converted, its rows named ``experiment``.
+
+    Raises:
+        ResultsError: the file is missing or unreadable (the message says how to rebuild it).
+    """
+    path = Path(path).expanduser().resolve()
+    file = path / REPORTS_FILE
+    try:
+        table = _read_parquet(file, path)
+    except FileNotFoundError as exc:
+        raise ResultsError(f"{exc}; {rebuild_hint(path)}") from None
+    version = _file_version(table, "reports", file)
+    try:
+        if version == 1:
+            rows = [{k: v for k, v in r.items() if v is not None} for r in table.to_pylist()]
+            return _reports_table(rows, experiment)
+        if not table.schema.equals(schema.REPORTS_SCHEMA):
+            raise ValueError(f"its columns differ from the reports schema version {version} "
+                             f"({', '.join(table.schema.names)})")
+        return table
+    except (pa.ArrowException, KeyError, TypeError, ValueError) as exc:
         raise ResultsError(f"{file} is unreadable ({_why(exc)}); {rebuild_hint(path)}") from None
 
 

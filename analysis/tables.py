@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from wsss_tune.analysis.results import ExperimentResult, TrialRecord, stage_miou_rows
+from wsss_tune.analysis.schema import MAP_COLUMNS, report_column
 from wsss_tune.stages import graph
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "compute_line",
     "experiment_tables",
     "fidelity_attr",
+    "reports_frame",
 ]
 
 #: Row labels of the report's stage table where they differ from the stage graph's column labels.
@@ -87,6 +90,8 @@ _MANIFEST = "MANIFEST.json"
 RAY_TRIAL_ATTR = "ray_trial_id"
 #: Result key counting a trial's reports when the space has no fidelity (Ray Tune's).
 _TRAINING_ITERATION = "training_iteration"
+#: ``reports.parquet`` column of the time of a report.
+_TIME = report_column("timestamp")
 _HOUR = 3600.0
 
 
@@ -215,11 +220,27 @@ def fidelity_attr(exp: ExperimentResult) -> str:
     return str(fid.get("time_attr") or _TRAINING_ITERATION)
 
 
+def reports_frame(reports: pa.Table) -> pd.DataFrame:
+    """``reports.parquet`` (:data:`~wsss_tune.analysis.schema.REPORTS_SCHEMA`) as a wide frame: its
+    fixed columns, and one column per name of its ``metrics`` and ``tags`` maps (a fixed column wins
+    over a metric of the same name)."""
+    fixed = [n for n in reports.column_names if n not in MAP_COLUMNS]
+    frame = reports.select(fixed).to_pandas()
+    extra: dict[str, list[Any]] = {}
+    for col in ("metrics", "tags"):
+        if col not in reports.column_names:
+            continue
+        for i, entries in enumerate(reports.column(col).to_pylist()):
+            for k, v in entries or ():
+                if k not in fixed:
+                    extra.setdefault(k, [None] * reports.num_rows)[i] = v
+    if not extra:
+        return frame
+    return pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
+
+
 def _reports_frame(exp: ExperimentResult) -> pd.DataFrame:
-    try:
-        return exp.reports().to_pandas()
-    except FileNotFoundError:
-        return pd.DataFrame(columns=["trial_id"])
+    return reports_frame(exp.reports())
 
 
 def curves_table(exp: ExperimentResult, reports: pd.DataFrame | None = None) -> Table:
@@ -232,7 +253,7 @@ def curves_table(exp: ExperimentResult, reports: pd.DataFrame | None = None) -> 
     status = {t.trial_id: t.status for t in exp.trials}
     rows = []
     if exp.metric in reports.columns:
-        step_col = attr if attr in reports.columns else _TRAINING_ITERATION
+        step_col = next((c for c in (attr, report_column(attr)) if c in reports.columns), report_column(_TRAINING_ITERATION))
         for rec in reports.to_dict("records"):
             v, s = _finite(rec.get(exp.metric)), _finite(rec.get(step_col))
             if v is None or s is None or rec.get("final"):
@@ -259,8 +280,9 @@ def trial_order(exp: ExperimentResult, study: Any = None, reports: pd.DataFrame 
             if rid is not None:
                 number.setdefault(str(rid), t.number)
     first: dict[str, float] = {}
-    if reports is not None and "timestamp" in reports.columns and not reports.empty:
-        first = {str(k): float(v) for k, v in reports.groupby("trial_id")["timestamp"].min().items()}
+    if reports is not None and _TIME in reports.columns and not reports.empty:
+        times = reports.dropna(subset=[_TIME]).groupby("trial_id")[_TIME].min()
+        first = {str(k): float(v.timestamp()) for k, v in times.items()}
     index = {t.trial_id: i for i, t in enumerate(exp.trials)}
     return sorted(index, key=lambda tid: (number.get(tid, math.inf), first.get(tid, math.inf), index[tid]))
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,6 +20,7 @@ from wsss_tune.analysis import (
     stage_miou_rows,
     write_experiment,
 )
+from wsss_tune.analysis.schema import REPORTS_SCHEMA, TRIALS_SCHEMA
 from wsss_tune.artifacts import ArtifactStore
 from wsss_tune.config import apply_overrides, load_config, to_dict
 from wsss_tune.stages.pipeline import run_pipeline
@@ -61,24 +61,26 @@ def test_best_is_the_best_completed_tune_value() -> None:
 
 def test_results_round_trip_and_mark_best_and_reference(tmp_path: Path) -> None:
     """The reference is the trial whose values equal the reference point (``ref``); the gain over
-    it is 60 - 50 = 10. Columns: ``config/rw.logt`` stays integer, a report column holding 1 and
-    2.5 becomes float, one holding only text stays text, a key missing from a row is null."""
+    it is 60 - 50 = 10. The files have the fixed schema: the searched ``rw.logt`` reads back as an
+    integer, report metrics are floats in the ``metrics`` map (a key missing from a report is not
+    in its map), Ray's ``training_iteration`` is the ``report`` column."""
     reports = [{"trial_id": "ref", "training_iteration": 1, "stage": "rw", "rw_miou_tune": 1},
                {"trial_id": "b", "training_iteration": 1, "stage": "rw", "rw_miou_tune": 2.5, "rw/t": 4}]
     written = write_experiment(tmp_path, sweep=_sweep_doc(tmp_path, requested=4), trials=_trials(), reports=reports)
     assert written.best.trial_id == "b" and written.reference.trial_id == "ref"
     assert written.gain_over_reference == pytest.approx(10.0) and written.complete
 
-    schema = pq.read_table(tmp_path / "trials.parquet").schema
-    assert schema.field("config/rw.logt").type == pa.int64() and schema.field("status").type == pa.string()
+    assert pq.read_schema(tmp_path / "trials.parquet").equals(TRIALS_SCHEMA)
     table = pq.read_table(tmp_path / "reports.parquet")
-    assert table.schema.field("rw_miou_tune").type == pa.float64()
-    assert table.column("rw/t").to_pylist() == [None, 4]
+    assert table.schema.equals(REPORTS_SCHEMA)
+    assert table.column("metrics").to_pylist() == [[("rw_miou_tune", 1.0)], [("rw/t", 4.0), ("rw_miou_tune", 2.5)]]
+    assert table.column("report").to_pylist() == [1, 1] and table.column("stage").to_pylist() == ["rw", "rw"]
 
     loaded = load_experiment(tmp_path)
     assert [(t.trial_id, t.status, dict(t.params), t.reference) for t in loaded.trials] == \
         [(t.trial_id, t.status, dict(t.params), t.trial_id == "ref") for t in _trials()]
     assert loaded.best.trial_id == "b" and loaded.counts["pruned"] == 1 and loaded.requested == 4
+    assert all(type(t.params["rw.logt"]) is int and type(t.params["rw.beta"]) is float for t in loaded.trials)
     doc = json.loads((tmp_path / "experiment.json").read_text())
     assert doc["best"]["rw_miou_heldout"] == 5.0 and doc["reference"]["trial_id"] == "ref"
     assert doc["heldout_metric"] == "rw_miou_heldout"

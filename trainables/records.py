@@ -42,6 +42,7 @@ from wsss_tune.analysis.results import (
     rebuild_hint,
     write_experiment,
 )
+from wsss_tune.analysis.schema import DROPPED_KEYS, report_row
 
 from .reporter import FINAL_KEY
 from .search import STUDY_FILE, attempts_of
@@ -53,10 +54,6 @@ log = logging.getLogger(__name__)
 
 #: Ray's files of an experiment folder that hold trial state as JSON (pickled parts left undecoded).
 _STATE_GLOB = "experiment_state-*.json"
-#: Result keys Ray adds that the report table leaves out (the config is in trials.parquet).
-#: ``node_ip`` and ``hostname`` stay (with the trainable's ``node_id``: where the trial last ran).
-_RAY_RESULT_NOISE = frozenset({"config", "date", "pid", "done", "checkpoint_dir_name",
-                               "time_this_iter_s", "time_since_restore", "iterations_since_restore"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,7 +167,31 @@ def _folder_error(folder: Path | None) -> str | None:
 
 
 def _clean(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k not in _RAY_RESULT_NOISE and not isinstance(v, dict | list)}
+    """A result without Ray's bookkeeping (:data:`~wsss_tune.analysis.schema.DROPPED_KEYS`; where
+    the trial ran stays) and without nested values (the config is in trials.parquet)."""
+    return {k: v for k, v in result.items() if k not in DROPPED_KEYS and not isinstance(v, dict | list)}
+
+
+def _checked_reports(trial_id: str, rows: Sequence[Mapping[str, Any]], folder: Path | None, experiment: str,
+                     problems: list[str]) -> list[dict[str, Any]]:
+    """The trial's reports that fit ``reports.parquet``'s schema; each that does not is skipped with
+    a warning naming the file, the line and the field."""
+    out = []
+    for i, row in enumerate(rows):
+        report = {"trial_id": trial_id, **_clean(row)}
+        try:
+            report_row(report, experiment=experiment, where=f"{folder}/result.json report {i + 1}")
+        except ValueError as exc:
+            problems.append(f"{exc}; report skipped")
+            continue
+        out.append(report)
+    return out
+
+
+def _report_times(rows: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
+    """Times of the first and the last report that has one (Ray's ``timestamp``)."""
+    times = [float(r["timestamp"]) for r in rows if _finite(r.get("timestamp"))]
+    return (min(times), max(times)) if times else (None, None)
 
 
 def open_study(record: ExperimentRecord, name: str | None = None) -> Any:
@@ -307,7 +328,7 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
     reports: list[dict[str, Any]] = []
     for trial_id in sorted(known):
         rows = _result_rows(folders.get(trial_id))
-        reports.extend({"trial_id": trial_id, **_clean(row)} for row in rows)
+        reports.extend(_checked_reports(trial_id, rows, folders.get(trial_id), record.name, problems))
         if trial_id in superseded:
             continue
         ray, frozen, prev = states.get(trial_id), by_ray.get(trial_id), previous.get(trial_id)
@@ -336,11 +357,15 @@ def collect_results(exp_dir: str | Path, *, study: Any = None) -> ExperimentResu
         metrics["num_failures"] = (ray.num_failures if ray is not None
                                    else int((prev.metrics.get("num_failures") if prev else 0) or 0))
         seconds = last.get("time_total_s") if last else (prev.seconds if prev else None)
+        first_report, last_report = _report_times(rows)
+        if first_report is None and prev is not None:
+            first_report, last_report = prev.first_report, prev.last_report
         records.append(TrialRecord(
             trial_id=trial_id, status=status, params=params, metrics=metrics,
             error=error if status == "failed" else None, run_dir=str(runs_dir / trial_id), reports=len(rows),
             seconds=float(seconds) if _finite(seconds) else None,
             resumed_from=tuple(sorted(earlier.get(trial_id, ()))), phase=phase_name,
+            first_report=first_report, last_report=last_report,
         ))
     for problem in problems:
         log.warning("%s: %s", exp_dir, problem)
