@@ -10,6 +10,11 @@ Two halves, kept apart so the arithmetic can be checked by hand:
   shares it, once per trial otherwise), and by ASHA's expected share of the early-stopped stage's
   work, and turns the device-seconds into wall-clock time on ``gpus`` devices.
 
+The same split for GPU memory: :func:`measure_memory_profile` counts, once per model, the bytes a
+training step saves for its backward pass per input pixel (the model run on the ``meta`` device: shapes
+only), and :func:`estimate_memory` (pure) adds weights, gradients, optimiser state and those activations
+scaled by the batch's pixels; :func:`check_gpu_memory` is the pre-flight check built on it.
+
 Artifacts follow :mod:`wsss_tune.stages.pipeline`: ``eps_model`` (EPS training), ``eps`` (CAM
 inference and pseudo masks), ``affinity`` (AffinityNet training and affinity inference), ``rw`` (the
 random walk) and ``deeplab`` (training and evaluation).
@@ -17,6 +22,7 @@ random walk) and ``deeplab`` (training and evaluation).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +50,14 @@ __all__ = [
     "time_stages",
     "format_plan",
     "plan",
+    "MemoryProfile",
+    "MemoryEstimate",
+    "optimizer_states",
+    "estimate_memory",
+    "saved_tensor_bytes",
+    "measure_memory_profile",
+    "stage_memory",
+    "check_gpu_memory",
 ]
 
 #: Seconds in an hour.
@@ -138,6 +152,12 @@ class CostEstimate:
     device_hours: float
     wall_hours: float
     per_trial_hours: float
+    #: Device-hours of the shared artifacts (one build each, before any trial can go on).
+    shared_hours: float = 0.0
+    #: Device-hours the other ``min(gpus, trials) - 1`` trials would hold while they wait for the
+    #: shared build if trials built it themselves; building it first (the sweep's default,
+    #: ``trainables.prebuild``) leaves those devices free.
+    waiting_device_hours: float = 0.0
     assumptions: tuple[str, ...] = field(default_factory=tuple)
 
     def as_rows(self) -> list[dict[str, Any]]:
@@ -323,7 +343,8 @@ def estimate_cost(
     wall = shared_seconds + max((total - shared_seconds) / lanes, per_trial)
     return CostEstimate(rows=tuple(rows), trials=trials, gpus=gpus, cache=cache, asha=fidelity if asha_artifact else None,
                         device=timings.device, device_hours=total / _HOUR, wall_hours=wall / _HOUR,
-                        per_trial_hours=(shared_seconds + per_trial) / _HOUR,
+                        per_trial_hours=(shared_seconds + per_trial) / _HOUR, shared_hours=shared_seconds / _HOUR,
+                        waiting_device_hours=shared_seconds * (lanes - 1) / _HOUR,
                         assumptions=_assumptions(space, cfg, timings, asha_artifact, fidelity, cache, gpus))
 
 
@@ -527,6 +548,9 @@ def format_plan(est: CostEstimate, *, alternatives: Mapping[str, CostEstimate] |
     lines += ["", f"one trial, start to end:   {est.per_trial_hours:10.2f} h",
               f"total device time:         {est.device_hours:10.2f} device-hours",
               f"expected wall clock:       {est.wall_hours:10.2f} h on {est.gpus} device(s)"]
+    if est.shared_hours > 0 and est.waiting_device_hours > 0:
+        lines.append(f"shared build first:        {est.waiting_device_hours:10.2f} device-hours not held idle "
+                     f"({min(est.gpus, est.trials) - 1} device(s) x {est.shared_hours:.2f} h of shared build)")
     if alternatives:
         lines += ["", f"{'scenario':<28} {'device-h':>10} {'wall h':>9}"]
         for label, alt in alternatives.items():
@@ -568,3 +592,237 @@ def plan(
                     estimate_cost(timings, sp, cfg, n, gpus, cache=c, asha=s, sizes=sizes)
                     for c in (True, False) for s in (True, False)}
     return est, format_plan(est, alternatives=alternatives)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU memory: does a stage's training step fit on a trial's share of a card?
+# --------------------------------------------------------------------------------------------------
+
+#: Bytes of a float32 value (weights, gradients, optimiser state) and of a 16-bit value.
+FLOAT32_BYTES = 4
+HALF_BYTES = 2
+#: Share of the float32 activation bytes kept under autocast: the saved activations are 16-bit (an
+#: approximation: the few float32 ones, such as BN statistics, are small).
+AMP_ACTIVATION_SHARE = 0.5
+#: Peak memory of a step over its saved activations: the backward pass's gradients of activations,
+#: the forward's unsaved temporaries and allocator fragmentation (our choice, a margin).
+ACTIVATION_PEAK_FACTOR = 1.25
+#: Per-process CUDA context and cuDNN / cuBLAS workspaces, outside the caching allocator (our choice).
+CUDA_OVERHEAD_BYTES = 1.0e9
+#: An estimate above this share of the trial's GPU memory is a warning (tight: fragmentation, other
+#: processes), above 1 a problem.
+MEMORY_WARN_SHARE = 0.9
+#: Optimiser state tensors per trainable parameter: SGD's momentum buffer (none without momentum), Adam's
+#: two moments.
+OPTIMIZER_STATES = {"sgd": 1, "adam": 2}
+#: The stages whose training the memory model knows (their config sections have batch_size, crop_size, amp).
+MEMORY_STAGES = ("eps", "affinity", "deeplab")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryProfile:
+    """What a stage's model holds in one training step, per input pixel (:func:`measure_memory_profile`).
+
+    Attributes:
+        model: what was measured (``deeplab v2 resnet101 msc``).
+        params, trainable: parameter counts (all, and those the optimiser updates).
+        activation_bytes_per_pixel: float32 bytes autograd saves for the backward pass, per input pixel
+            of one image; 16-bit under autocast.
+        fp32_bytes_per_pixel: saved bytes per pixel that stay float32 under autocast (AffinityNet's
+            pair affinities).
+    """
+
+    model: str
+    params: int
+    trainable: int
+    activation_bytes_per_pixel: float
+    fp32_bytes_per_pixel: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    """Bytes one training step of a stage needs on its GPU (:func:`estimate_memory`)."""
+
+    stage: str
+    model: str
+    batch: int
+    crop: int
+    amp: bool
+    weights: float
+    casts: float
+    gradients: float
+    optimizer: float
+    activations: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.casts + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def text(self) -> str:
+        return (f"{self.stage} ({self.model}, batch {self.batch}, crop {self.crop}, amp {'on' if self.amp else 'off'}): "
+                f"~{self.total / 1e9:.1f} GB = activations {self.activations / 1e9:.1f} + weights, gradients and "
+                f"optimiser {(self.weights + self.casts + self.gradients + self.optimizer) / 1e9:.1f} + CUDA "
+                f"{self.overhead / 1e9:.1f}")
+
+
+def optimizer_states(kind: str, momentum: float) -> int:
+    """State tensors per trainable parameter of the stage's optimiser (:data:`OPTIMIZER_STATES`)."""
+    if kind == "sgd" and momentum == 0:
+        return 0
+    return OPTIMIZER_STATES[kind]
+
+
+def estimate_memory(profile: MemoryProfile, *, stage: str, batch: int, crop: int, amp: bool,
+                    optimizer_states: int) -> MemoryEstimate:
+    """GPU bytes of one training step (pure arithmetic)::
+
+        weights     = 4 B x params
+        casts       = 2 B x params under autocast (its 16-bit copies of the weights), else 0
+        gradients   = 4 B x trainable
+        optimizer   = 4 B x trainable x optimizer_states
+        activations = (activation_bytes_per_pixel x (0.5 under autocast, else 1) + fp32_bytes_per_pixel)
+                      x crop^2 x batch x 1.25 (ACTIVATION_PEAK_FACTOR)
+        overhead    = 1 GB (CUDA_OVERHEAD_BYTES)
+
+    Activations scale with the pixels of the batch (``crop^2 x batch``; per micro-batch with gradient
+    accumulation).
+    """
+    if batch < 1 or crop < 1:
+        raise ValueError(f"estimate_memory: batch={batch} and crop={crop} must be >= 1")
+    per_pixel = profile.activation_bytes_per_pixel * (AMP_ACTIVATION_SHARE if amp else 1.0) + profile.fp32_bytes_per_pixel
+    return MemoryEstimate(
+        stage=stage, model=profile.model, batch=batch, crop=crop, amp=amp,
+        weights=FLOAT32_BYTES * profile.params,
+        casts=HALF_BYTES * profile.params if amp else 0.0,
+        gradients=FLOAT32_BYTES * profile.trainable,
+        optimizer=FLOAT32_BYTES * profile.trainable * optimizer_states,
+        activations=per_pixel * crop * crop * batch * ACTIVATION_PEAK_FACTOR,
+        overhead=CUDA_OVERHEAD_BYTES,
+    )
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], *, exclude: Any = ()) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass while ``fn()`` runs (tensors
+    sharing a storage count once; ``exclude``: tensors such as parameters not to count)."""
+    import torch
+
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in skip:
+            seen.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@functools.lru_cache(maxsize=32)
+def _profile(stage: str, label: str, model_args: tuple[tuple[str, Any], ...], crop: int, radius: int) -> MemoryProfile:
+    import torch
+
+    from wsss_tune.models.affinity_net import build_affinity_net
+    from wsss_tune.models.deeplab import build_deeplab
+    from wsss_tune.models.eps_net import build_eps_net
+    from wsss_tune.ops.affinity import affinity_from_features
+
+    args = dict(model_args)
+    build: Callable[..., Any] = {"eps": build_eps_net, "affinity": build_affinity_net, "deeplab": build_deeplab}[stage]
+    with torch.device("meta"):
+        model = build(**args).train()  # frozen BatchNorm stays in eval mode (the models' own train())
+        x = torch.empty(1, 3, crop, crop)
+        params = list(model.parameters())
+        out: dict[str, Any] = {}
+        act = saved_tensor_bytes(lambda: out.setdefault("y", model(x)), exclude=params)
+        fp32 = 0
+        if stage == "affinity":
+            fp32 = saved_tensor_bytes(lambda: affinity_from_features(out["y"], radius=radius), exclude=params)
+    return MemoryProfile(model=label, params=sum(p.numel() for p in params),
+                         trainable=sum(p.numel() for p in params if p.requires_grad),
+                         activation_bytes_per_pixel=act / crop**2, fp32_bytes_per_pixel=fp32 / crop**2)
+
+
+def measure_memory_profile(cfg: PipelineConfig, stage: str, *, num_classes: int) -> MemoryProfile:
+    """The :class:`MemoryProfile` of ``stage``'s model as ``cfg`` builds it, measured once per model.
+
+    The model is built on the ``meta`` device (shapes only: no memory, no compute, no weights read) and
+    run forward in training mode on one image of the stage's crop, counting the bytes autograd saves
+    (:func:`saved_tensor_bytes`, parameters excluded; for AffinityNet the pair affinities separately, as
+    they stay float32). Training-time BatchNorm freezing of DeepLab is honoured; the loss is left out
+    (its saved tensors are at the output stride, small next to the backbone's).
+    """
+    e, a, d = cfg.eps, cfg.affinity, cfg.deeplab
+    if stage == "eps":
+        args: dict[str, Any] = {"backbone": e.backbone, "num_classes": num_classes}
+        label, crop = f"EPSNet {e.backbone}", e.crop_size
+    elif stage == "affinity":
+        args = {"backbone": a.backbone or e.backbone, "widths": tuple(a.widths), "out_channels": a.out_channels}
+        label, crop = f"AffinityNet {args['backbone']}", a.crop_size
+    elif stage == "deeplab":
+        args = {"arch": d.arch, "backbone": d.backbone, "num_classes": num_classes + 1, "msc": d.msc,
+                "freeze_bn": d.freeze_bn}
+        label, crop = f"DeepLab {d.arch} {d.backbone}{' msc' if d.msc else ''}", d.crop_size
+    else:
+        raise ValueError(f"measure_memory_profile: stage {stage!r}; expected one of {', '.join(MEMORY_STAGES)}")
+    return _profile(stage, label, tuple(args.items()), crop, a.radius)
+
+
+def stage_memory(cfg: PipelineConfig, stage: str, *, num_classes: int, ranks: int = 1) -> MemoryEstimate:
+    """:func:`estimate_memory` of ``stage``'s training step with ``cfg``'s batch (per micro-batch; split
+    over ``ranks`` data-parallel GPUs, each holding ``ceil(batch / ranks)``), crop, amp and optimiser."""
+    section = getattr(cfg, stage)
+    profile = measure_memory_profile(cfg, stage, num_classes=num_classes)
+    return estimate_memory(profile, stage=stage, batch=math.ceil(section.batch_size / max(1, ranks)),
+                           crop=section.crop_size, amp=section.amp,
+                           optimizer_states=optimizer_states(section.optimizer, section.momentum))
+
+
+def check_gpu_memory(cfg: PipelineConfig, stages: Sequence[str], *, gpu_bytes: float | None, gpus_per_trial: float,
+                     num_classes: int = 20, gpu_name: str = "") -> list[Any]:
+    """One check per training stage a run of ``stages`` builds: does its step fit on the trial's GPU
+    memory, ``gpu_bytes x min(gpus_per_trial, 1)`` (a fractional trial is capped at its share; a trial
+    with several GPUs holds its share of the batch on each)?
+
+    ``problem`` above that budget, ``warn`` above :data:`MEMORY_WARN_SHARE` of it; nothing for trials on
+    the CPU (``gpus_per_trial`` 0 or ``run.device: cpu``); one ``warn`` when the card is unknown
+    (``gpu_bytes`` None: no GPU visible here).
+
+    Returns:
+        :class:`~wsss_tune.doctor.Check` s named ``memory.<stage>``.
+    """
+    from wsss_tune.doctor import Check
+
+    if gpus_per_trial <= 0 or cfg.run.device == "cpu":
+        return []
+    if gpu_bytes is None:
+        return [Check("memory", "warn", f"trials get {gpus_per_trial:g} GPU but no GPU is visible here: their memory "
+                      "is not checked", "run the pre-flight check on a GPU node, or give the card's memory "
+                      "(`wsss-tune preflight CONFIG --gpu-memory 24`)")]
+    share = min(float(gpus_per_trial), 1.0)
+    budget = gpu_bytes * share
+    card = f"{gpu_name + ' ' if gpu_name else ''}{gpu_bytes / 1e9:.1f} GB" + (f" x {share:g}" if share < 1 else "")
+    trained = {graph.spec(name).stage for name in artifact_chain(cfg, stages) if graph.spec(name).trains}
+    checks = []
+    for stage in (s for s in MEMORY_STAGES if s in trained):
+        try:
+            est = stage_memory(cfg, stage, num_classes=num_classes, ranks=math.floor(max(1.0, gpus_per_trial)))
+        except Exception as exc:  # noqa: BLE001 - a model the meta device cannot run is not a reason to stop
+            checks.append(Check(f"memory.{stage}", "warn", f"not estimated: its model does not run on the meta "
+                                f"device ({type(exc).__name__}: {exc})"))
+            continue
+        fix = (f"lower {stage}.batch_size" + (" (raise deeplab.accumulate to keep the effective batch)"
+                                              if stage == "deeplab" else "")
+               + f" or {stage}.crop_size" + ("" if est.amp else f", set {stage}.amp=true")
+               + ", or give each trial a larger GPU share (--gpus-per-trial)")
+        text = f"{est.text()}; the trial has {budget / 1e9:.1f} GB ({card})"
+        if est.total > budget:
+            checks.append(Check(f"memory.{stage}", "problem", f"{text}: does not fit", fix))
+        elif est.total > MEMORY_WARN_SHARE * budget:
+            checks.append(Check(f"memory.{stage}", "warn", f"{text}: tight (over {MEMORY_WARN_SHARE:.0%})", fix))
+        else:
+            checks.append(Check(f"memory.{stage}", "ok", text))
+    return checks

@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from wsss_tune.analysis.results import ExperimentResult, TrialRecord, stage_miou_rows
+from wsss_tune.analysis.results import RUNS_DIR, ExperimentResult, TrialRecord, stage_miou_rows
 from wsss_tune.analysis.schema import MAP_COLUMNS, report_column
 from wsss_tune.stages import graph
 
@@ -514,6 +514,23 @@ def stage_infos(exp: ExperimentResult) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+#: Run folders of the artifacts a sweep built before its trials (``<runs>/prebuild-<search>``,
+#: written by ``trainables.prebuild``).
+PREBUILD_PREFIX = "prebuild-"
+
+
+def prebuild_infos(exp: ExperimentResult) -> dict[str, dict[str, dict[str, Any]]]:
+    """``prebuild-<search> -> metrics.json["stages"]`` of the shared builds the sweep ran before its trials."""
+    runs = Path(exp.record.runs_dir or Path(exp.path) / RUNS_DIR)
+    out = {}
+    for path in sorted(runs.glob(f"{PREBUILD_PREFIX}*/metrics.json")):
+        try:
+            out[path.parent.name] = json.loads(path.read_text()).get("stages") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
 def artifact_build_seconds(info: Mapping[str, Any]) -> float | None:
     """The build time of the artifact a ``metrics.json`` stage record points at: the record's
     ``build_seconds``, else its manifest's (the same for a build and for a cache hit)."""
@@ -533,14 +550,15 @@ def artifact_build_seconds(info: Mapping[str, Any]) -> float | None:
 def compute_table(exp: ExperimentResult, infos: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> Table:
     """Compute spent per stage artifact, and what the cache saved.
 
-    From every finished trial's ``metrics.json`` ``stages`` records: ``built`` (builds, i.e. cache
+    From every finished trial's ``metrics.json`` ``stages`` records, and those of the shared builds
+    the sweep ran before its trials (:func:`prebuild_infos`): ``built`` (builds, i.e. cache
     misses), ``hits``, ``hours`` (sum of the build time of the builds), ``saved_hours`` (sum of the
     build time of the artifacts served from the cache: the work a hit did not repeat). A last row
     adds the run time of the trials that wrote no record (stopped early, failed): their partial and
     full builds are not itemised. Hours are GPU-hours (wall hours x ``gpus_per_trial``) when trials had
     GPUs, else CPU core-hours (wall hours x ``cpus_per_trial``).
     """
-    infos = stage_infos(exp) if infos is None else infos
+    infos = {**stage_infos(exp), **prebuild_infos(exp)} if infos is None else infos
     unit, scale, per = _compute_unit(exp)
     agg: dict[str, dict[str, Any]] = {}
     unknown = 0

@@ -68,6 +68,13 @@ def test_rw_space_with_cache_builds_upstream_once() -> None:
     assert rows["affinity"].seconds == pytest.approx(1020.0) and rows["affinity"].shared
     assert est.device_hours * HOUR == pytest.approx(2530.0)
     assert est.wall_hours * HOUR == pytest.approx(2280.0)
+    # Trials building the shared 2030 s themselves: the second device waits all of it; built first
+    # with one trial's resources, it is free. On 4 devices three wait: 3 x 2030 s.
+    assert est.shared_hours * HOUR == pytest.approx(2030.0)
+    assert est.waiting_device_hours * HOUR == pytest.approx(2030.0)
+    four = estimate_cost(STUB, RW_SPACE, _cfg(), 10, 4, cache=True, sizes=SIZES)
+    assert four.waiting_device_hours * HOUR == pytest.approx(3 * 2030.0)
+    assert "1.69 device-hours not held idle (3 device(s) x 0.56 h" in " ".join(format_plan(four).split())
 
 
 def test_rw_space_without_cache_repeats_everything() -> None:

@@ -160,7 +160,8 @@ def _curve_trainable(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.ray
-def test_scheduler_stopped_trials_are_pruned_in_the_study(ray_cluster: None, tmp_path: Path) -> None:
+def test_scheduler_stopped_trials_are_pruned_in_the_study(ray_cluster: None, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """ASHA with max_t 4, grace 1, reduction 2 (rungs at steps 1, 2 and 4), one trial at a time,
     x = 1, 0.5, 2, 0.25, 3 in that order. A rung stops a trial below the median of the values
     recorded there before it:
@@ -172,11 +173,17 @@ def test_scheduler_stopped_trials_are_pruned_in_the_study(ray_cluster: None, tmp
     * x = 3 raises -> FAIL.
 
     Ray's own integration would have filed the two stopped trials as COMPLETE with 0.5 and 0.25.
+    Ray's records say the same: the stopped trials' last results are marked ``pruned`` (their
+    truncated ``m`` kept), only completed trials carry ``objective`` (the tuner's metric, as sweeps
+    set it), and Ray's ``get_best_result()`` returns x = 2.
     """
     import ray.cloudpickle
     from ray.tune import RunConfig, TuneConfig, Tuner
 
+    from wsss_tune.trainables.callbacks import OBJECTIVE_KEY, PRUNED_KEY, TrialOutcome
+
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as sweeps run (trainables.session.tune_env)
     points = [{"x": 1.0}, {"x": 0.5}, {"x": 2.0}, {"x": 0.25}, {"x": 3.0}]
     searcher = FidelitySearch(space={"x": FloatDistribution(0.1, 4.0)}, metric="m", mode="max",
                               points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=0),
@@ -184,10 +191,17 @@ def test_scheduler_stopped_trials_are_pruned_in_the_study(ray_cluster: None, tmp
                               time_attr="stage_step")
     scheduler = FullBudgetASHA(time_attr="stage_step", metric="m", mode="max", max_t=4, grace_period=1,
                                reduction_factor=2)
-    Tuner(_curve_trainable,
-          tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=len(points),
-                                 max_concurrent_trials=1, reuse_actors=True),
-          run_config=RunConfig(storage_path=str(tmp_path), name="curves", verbose=0)).fit()
+    grid = Tuner(_curve_trainable,
+                 tune_config=TuneConfig(metric=OBJECTIVE_KEY, mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=len(points), max_concurrent_trials=1, reuse_actors=True),
+                 run_config=RunConfig(storage_path=str(tmp_path), name="curves", verbose=0,
+                                      callbacks=[TrialOutcome(metric="m")])).fit()
+    by_x = {r.config["x"]: r for r in grid}
+    assert grid.get_best_result().config["x"] == 2.0
+    assert [by_x[x].metrics.get(PRUNED_KEY) for x in (1.0, 0.5, 2.0, 0.25)] == [False, True, False, True]
+    assert [by_x[x].metrics.get(FINAL_KEY) for x in (1.0, 0.5, 2.0, 0.25)] == [True, False, True, False]
+    assert [by_x[x].metrics.get(OBJECTIVE_KEY) for x in (1.0, 0.5, 2.0, 0.25)] == [4.0, None, 8.0, None]
+    assert by_x[0.5].metrics["m"] == 0.5 and by_x[3.0].error is not None
 
     study = optuna.load_study(study_name="curves", storage=f"sqlite:///{tmp_path / STUDY_FILE}")
     trials = sorted(study.trials, key=lambda t: t.number)
@@ -208,25 +222,45 @@ def test_scheduler_stopped_trials_are_pruned_in_the_study(ray_cluster: None, tmp
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_rw_sweep_builds_each_shared_artifact_once(ray_cluster: None, synth_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prebuild", [True, False], ids=["prebuild", "trials-build"])
+def test_rw_sweep_builds_each_shared_artifact_once(ray_cluster: None, synth_root: Path, tmp_path: Path,
+                                                   prebuild: bool) -> None:
     """synth_rw, 4 trials, two at a time on 2 CPUs, on an empty store: EPS and AffinityNet are
-    fixed, so across all trials ``eps_model``, ``eps`` and ``affinity`` are built exactly once (the
-    second trial starts while the first is still training EPS and waits for it), and the store
-    holds one artifact of each plus one walk per distinct setting."""
+    fixed, so ``eps_model``, ``eps`` and ``affinity`` are built exactly once and the store holds one
+    artifact of each plus one walk per distinct setting. By default the sweep builds them before the
+    trials start (its run folder ``runs/prebuild-search``) and every trial finds them; without
+    ``prebuild`` the first trial builds them and the second, started while EPS trains, waits."""
+    from wsss_tune.trainables.prebuild import PREBUILD_PREFIX
+
     store = tmp_path / "store"
     # EPS trains long enough (60 steps) for the second trial's worker to start while it runs.
     result = run_sweep("synth_rw", data=synth_root, storage=tmp_path / "exp", trials=4, store=str(store),
                        cpus_per_trial=1, wandb="off", progress="off",
-                       overrides={**SMOKE_OVERRIDES, "eps.iterations": 60}, reseed=None)
+                       overrides={**SMOKE_OVERRIDES, "eps.iterations": 60}, reseed=None, prebuild=prebuild)
     assert result.counts["completed"] == 4, [t.error for t in result.trials]
-    for stage in ("eps_model", "eps", "affinity"):
-        assert sum(t.metrics[f"built/{stage}"] for t in result.trials) == 1, stage
+    shared = ("eps_model", "eps", "affinity")
+    record = result.path / "runs" / f"{PREBUILD_PREFIX}search" / "metrics.json"
+    if prebuild:
+        built = json.loads(record.read_text())
+        assert built["prebuilt"] == list(shared)
+        assert [built["stages"][s]["hit"] for s in shared] == [False, False, False]
+        for stage in shared:
+            assert sum(t.metrics[f"built/{stage}"] for t in result.trials) == 0, stage
+    else:
+        assert not record.exists()
+        for stage in shared:
+            assert sum(t.metrics[f"built/{stage}"] for t in result.trials) == 1, stage
+        waited = [t.metrics["seconds/eps_model"] for t in result.trials if t.metrics["built/eps_model"] == 0]
+        assert max(waited) > 1.0, f"no trial waited for the EPS build (waits {waited}); the trials did not overlap"
     listed = ArtifactStore(uri=str(store))
-    assert [len(listed.list(s)) for s in ("eps_model", "eps", "affinity")] == [1, 1, 1]
+    assert [len(listed.list(s)) for s in shared] == [1, 1, 1]
     settings = {tuple(sorted(t.params.items())) for t in result.trials}
     assert len(listed.list("rw")) == len(settings)
-    waited = [t.metrics["seconds/eps_model"] for t in result.trials if t.metrics["built/eps_model"] == 0]
-    assert max(waited) > 1.0, f"no trial waited for the EPS build (waits {waited}); the trials did not overlap"
+    # the compute table counts each shared build once, whoever built it
+    from wsss_tune.analysis.tables import compute_table
+
+    frame = compute_table(result).frame.set_index("stage")
+    assert [int(frame.loc[s, "built"]) for s in shared] == [1, 1, 1]
 
 
 @pytest.mark.slow
@@ -255,6 +289,39 @@ def test_each_synth_space_sweeps_end_to_end(ray_cluster: None, synth_root: Path,
     doc = json.loads((result.path / "experiment.json").read_text())
     assert doc["tune_split"] == space.tune_split and doc["heldout_split"] == space.heldout_split
     assert doc["base_config"]["data"]["root"] == str(synth_root.resolve())
+
+
+def _doc_example(name: str, heading: str) -> str:
+    """The first python code block after ``heading`` in ``docs/<name>``."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / name).read_text()
+    after = text.split(heading, 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_api_reads_a_sweep(ray_cluster: None, synth_root: Path, shared_store: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The docs' "Reading results with Ray's own API" example, run on a real 3-trial DeepLab sweep:
+    Ray's ``get_best_result()`` is our best completed trial; every trial's last result says whether
+    it was pruned; ``progress.csv`` holds the columns of every stage; the trial config names the
+    base config instead of holding it."""
+    result = _sweep("synth_deeplab", synth_root, tmp_path, name="rayapi", store=shared_store, trials=3)
+    assert result.counts["failed"] == 0, [t.error for t in result.trials]
+    code = _doc_example("ray.md", "## Reading results with Ray's own API")
+    assert 'Path("experiments/my-sweep")' in code
+    exec(compile(code.replace('Path("experiments/my-sweep")', f"Path({str(result.path)!r})"), "docs/ray.md", "exec"),
+         {"__name__": "doc_example"})
+    out = capsys.readouterr().out
+    assert f"best: {result.best.trial_id} " in out
+    assert f"completed: {result.counts['completed']} pruned: {result.counts['pruned']}" in out
+    for t in result.trials:
+        folder = next(result.path.glob(f"*_{t.trial_id}"))
+        params = json.loads((folder / "params.json").read_text())
+        assert "base" not in params["wsss_tune"] and Path(params["wsss_tune"]["base_ref"]["path"]).is_file()
+        assert set(params) - {"wsss_tune"} == set(t.params)
+        header = (folder / "progress.csv").read_text().splitlines()[0].split(",")
+        assert {"eps_miou_tune", "rw_miou_tune", "deeplab_miou_tune", "final"} <= set(header)
 
 
 @pytest.mark.slow

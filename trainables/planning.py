@@ -5,13 +5,20 @@ id lists, the files and weights the trials need, the experiment folder) and retu
 :class:`SweepPlan` holding the :class:`~wsss_tune.analysis.results.ExperimentRecord` that becomes
 ``sweep.json``. :func:`plan_from_record` makes the plan of an existing experiment again from that
 record (for ``resume``). Nothing here starts Ray.
+
+GPUs per trial: given none, a sweep takes one GPU per trial where the Ray cluster has GPUs and none
+where it has none (:func:`~wsss_tune.utils.runtime.default_gpus_per_trial`), counted before Ray starts
+from the GPUs a local instance would register (:func:`cluster_gpus`) and settled on the cluster the
+sweep runs on once Ray is up (:func:`settle_gpus`); :attr:`SweepPlan.resources_line` says what it chose.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ from wsss_tune.analysis.results import (
     StudyRecord,
     WandbRecord,
     space_to_dict,
+    write_sweep,
 )
 from wsss_tune.config import to_dict
 from wsss_tune.spaces import SearchSpace, SpaceError, load_space, space_from_dict, validate
@@ -44,6 +52,9 @@ __all__ = [
     "SMOKE_OVERRIDES",
     "SweepPlan",
     "check_data",
+    "cluster_gpus",
+    "trial_gpus",
+    "settle_gpus",
     "plan_sweep",
     "plan_from_record",
 ]
@@ -82,6 +93,12 @@ class SweepPlan:
     reference_point: Mapping[str, Any]
     #: What ``sweep.json`` records (paths absolute; written relative by ``write_sweep``).
     record: ExperimentRecord
+    #: Build the artifacts every trial shares before the trials start (``trainables.prebuild``).
+    prebuild: bool = True
+    #: The GPUs per trial were not given: they follow the Ray cluster's GPUs (:func:`settle_gpus`).
+    gpus_default: bool = False
+    #: One line saying what each trial gets and why, printed when the sweep starts.
+    resources_line: str = ""
 
 
 def _wandb_key_configured() -> bool:
@@ -93,6 +110,61 @@ def _wandb_key_configured() -> bool:
         auth = netrc.netrc().authenticators("api.wandb.ai")
         return bool(auth and auth[2])
     return False
+
+
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster a sweep uses: the Ray instance running in this process, else those a
+    local instance would register (the GPUs torch sees: both honour ``CUDA_VISIBLE_DEVICES``)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0))
+    from wsss_tune.utils.runtime import gpu_inventory
+
+    return float(len(gpu_inventory()))
+
+
+def trial_gpus(gpus_per_trial: float | None, *, cpus_per_trial: float, cluster: float,
+               device: str = "auto") -> tuple[float, str]:
+    """The GPUs of one trial and the line saying so.
+
+    ``gpus_per_trial`` None takes :func:`~wsss_tune.utils.runtime.default_gpus_per_trial` of the
+    cluster's ``cluster`` GPUs and ``run.device`` (``device``): 1 where there are GPUs, 0 (the CPU)
+    where there are none or ``run.device`` is ``cpu``.
+    """
+    from wsss_tune.utils.runtime import default_gpus_per_trial
+
+    have = f"the Ray cluster has {cluster:g} GPU(s)"
+    if gpus_per_trial is None:
+        gpus = default_gpus_per_trial(cluster, device)
+        why = "run.device is cpu" if device == "cpu" else have
+        why = f"default, {why}; --gpus-per-trial sets another share" + (", 0 trains on the CPU" if gpus else "")
+    else:
+        gpus = float(gpus_per_trial)
+        why = f"--gpus-per-trial {gpus:g}; {have}"
+    cpus = f"{cpus_per_trial:g} CPU"
+    if gpus == 0:
+        return gpus, f"resources: each trial gets {cpus} and no GPU, and trains on the CPU ({why})"
+    if gpus < 1:
+        share = (f"{gpus:g} GPU: up to {math.floor(1 / gpus + 1e-9)} trials share a card, each capped at {gpus:.0%} of its "
+                 "memory")
+    else:
+        share = f"{gpus:g} GPU" + (" (one trial per GPU)" if gpus == 1 else "")
+    return gpus, f"resources: each trial gets {share} and {cpus} ({why})"
+
+
+def settle_gpus(plan: SweepPlan, cluster: float) -> SweepPlan:
+    """``plan`` with its default GPUs per trial chosen for the Ray cluster the sweep runs on (``cluster``
+    GPUs), ``sweep.json`` rewritten when that changed it; a plan with a given share stays as it is."""
+    if not plan.gpus_default:
+        return plan
+    res = plan.record.resources
+    device = str((plan.settings.base.get("run") or {}).get("device", "auto"))
+    gpus, line = trial_gpus(None, cpus_per_trial=res.cpus_per_trial, cluster=cluster, device=device)
+    if gpus == res.gpus_per_trial:
+        return dataclasses.replace(plan, resources_line=line)
+    record = dataclasses.replace(plan.record, resources=dataclasses.replace(res, gpus_per_trial=gpus))
+    write_sweep(plan.exp_dir, record)
+    return dataclasses.replace(plan, record=record, resources_line=line)
 
 
 def check_data(space: SearchSpace) -> None:
@@ -118,7 +190,7 @@ def plan_sweep(
     *,
     data: str | Path | None = None,
     trials: int | None = None,
-    gpus_per_trial: float = 0,
+    gpus_per_trial: float | None = None,
     cpus_per_trial: float = 1,
     storage: str | Path | None = None,
     name: str | None = None,
@@ -135,8 +207,11 @@ def plan_sweep(
     stage_budgets: Mapping[str, Any] | None = None,
     reseed: ReseedRecord | None = None,
     compare: tuple[str, ...] = (),
+    cluster: float | None = None,
 ) -> SweepPlan:
     """Validate a sweep without starting Ray (arguments as in :func:`~trainables.sweep.run_sweep`).
+
+    ``gpus_per_trial`` None: :func:`trial_gpus` of ``cluster`` GPUs (default :func:`cluster_gpus`).
 
     Raises:
         SpaceError: the space (with ``overrides``) is invalid. FileNotFoundError / DataError: the data
@@ -156,7 +231,7 @@ def plan_sweep(
         raise ValueError(f"trials={trials!r}: expected an integer >= 1")
     if not cpus_per_trial > 0:
         raise ValueError(f"cpus_per_trial={cpus_per_trial!r}: expected > 0")
-    if gpus_per_trial < 0:
+    if gpus_per_trial is not None and not gpus_per_trial >= 0:
         raise ValueError(f"gpus_per_trial={gpus_per_trial!r}: expected >= 0 (fractions share a GPU)")
     if max_concurrent is not None and (isinstance(max_concurrent, bool) or max_concurrent < 1):
         raise ValueError(f"max_concurrent={max_concurrent!r}: expected None (as resources allow) or >= 1")
@@ -184,13 +259,19 @@ def plan_sweep(
                          "or pick another name")
 
     cfg = space.base_config()
+    gpus, resources_line = trial_gpus(gpus_per_trial, cpus_per_trial=cpus_per_trial, device=cfg.run.device,
+                                      cluster=cluster_gpus() if cluster is None else cluster)
+    if gpus == 0 and cfg.run.device == "cuda":
+        raise ValueError(f"run.device is 'cuda' but trials get no GPU ({resources_line}); pass --gpus-per-trial "
+                         "(1, or a fraction such as 0.5) or set run.device to auto")
     if store is None and cache:
         store = cfg.run.artifact_store or str(storage_root / STORE_DIR)
     store_uri = "" if not cache else str(store)
     if store_uri and "://" not in store_uri:
         store_uri = str(Path(store_uri).expanduser().resolve())
     # Every file, weight and storage location the trials need, checked before Ray starts.
-    require_preflight(cfg, stages=space.stages, store=store_uri or None, experiments=storage_root)
+    require_preflight(cfg, stages=space.stages, store=store_uri or None, experiments=storage_root,
+                      gpus_per_trial=gpus, cpus_per_trial=cpus_per_trial)
     trainable, _ = trainable_for(space.stages)
     f = space.fidelity
     settings = TrialSettings(
@@ -234,7 +315,7 @@ def plan_sweep(
         storage=str(storage_root),
         study=StudyRecord(name=name, storage=f"sqlite:///{exp_dir / STUDY_FILE}"),
         wandb=WandbRecord(mode=wandb, project=wandb_project, dir=str(exp_dir / "wandb") if wandb != "off" else None),
-        resources=ResourcesRecord(cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial),
+        resources=ResourcesRecord(cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus),
         seed=seed,
         max_failures=max_failures,
         max_concurrent=max_concurrent,
@@ -245,7 +326,8 @@ def plan_sweep(
         reseed=reseed if phases else None,
     )
     return SweepPlan(space=space, exp_dir=exp_dir, name=name, num_samples=num_samples, trainable=trainable,
-                     settings=settings, reference_point=reference, record=record)
+                     settings=settings, reference_point=reference, record=record,
+                     gpus_default=gpus_per_trial is None, resources_line=resources_line)
 
 
 def plan_from_record(exp_dir: Path, record: ExperimentRecord, *, num_samples: int) -> SweepPlan:

@@ -65,8 +65,10 @@ from .planning import (
     WANDB_MODES,
     SweepPlan,
     check_data,
+    cluster_gpus,
     plan_from_record,
     plan_sweep,
+    settle_gpus,
 )
 from .records import collect_results, open_studies
 from .reporter import CACHE_REPAIRS_KEY
@@ -130,7 +132,7 @@ def run_sweep(
     *,
     data: str | Path | None = None,
     trials: int | None = None,
-    gpus_per_trial: float = 0,
+    gpus_per_trial: float | None = None,
     cpus_per_trial: float = 1,
     address: str | None = None,
     storage: str | Path | None = None,
@@ -149,6 +151,7 @@ def run_sweep(
     stage_budgets: Mapping[str, StageBudget] | None = None,
     reseed: ReseedRecord | None = DEFAULT_RESEED,
     compare: Sequence[str] = (),
+    prebuild: bool = True,
 ) -> ExperimentResult:
     """Run a search over ``space`` and write its results (see the module docstring).
 
@@ -156,7 +159,8 @@ def run_sweep(
         space: A :class:`SearchSpace`, a built-in space name (``synth_rw``) or a YAML path.
         data: Dataset root (overrides ``data.root`` of the base config).
         trials: Number of trials (default: the space's ``num_samples``).
-        gpus_per_trial / cpus_per_trial: Resources of one trial (fractions allowed).
+        gpus_per_trial / cpus_per_trial: Resources of one trial (fractions allowed). GPUs None: 1 where
+            the Ray cluster has GPUs, else 0 (:func:`~trainables.planning.trial_gpus`; printed at the start).
         address: Ray cluster to join (``auto`` or ``host:port``); None starts a local instance (or uses
             one already running in this process).
         storage: Folder holding experiments (default ``./experiments``).
@@ -179,6 +183,9 @@ def run_sweep(
         reseed: Seed re-runs after the search (default: the top 3 and the reference with 2 more seeds
             each; None: none). The winner is then chosen by mean tune metric.
         compare: Named configs (built-in or YAML) also run in the seed re-runs, for comparison only.
+        prebuild: Build the artifacts every trial of a search shares (no searched parameter keys them)
+            first, in one Ray task with one trial's resources, so that trials do not hold CPUs or GPUs
+            while they wait for them (:mod:`~trainables.prebuild`).
 
     Returns:
         The written results (:func:`~wsss_tune.analysis.results.load_experiment` reads them again).
@@ -190,12 +197,15 @@ def run_sweep(
                       max_failures=max_failures, max_concurrent=max_concurrent, overrides=overrides, store=store,
                       cache=cache, tune_checkpoints=tune_checkpoints, mode=mode, stage_budgets=stage_budgets,
                       reseed=reseed, compare=tuple(compare))
+    plan = dataclasses.replace(plan, prebuild=prebuild)
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     # Paths inside the folder are written relative to it: a copied or moved experiment is self-contained.
     write_sweep(plan.exp_dir, plan.record)
     with tune_env(wandb, progress), ray_session(address, log_to_driver=progress == "ray", exp_dir=plan.exp_dir):
+        plan = settle_gpus(plan, cluster_gpus())  # a default share follows the cluster Ray runs
+        print(plan.resources_line, flush=True)
         if address is None:
-            check_resources(cpus_per_trial, gpus_per_trial)
+            check_resources(cpus_per_trial, plan.record.resources.gpus_per_trial)
         try:
             if plan.record.phases:
                 run_phases(plan, progress=progress, seed=seed, max_failures=max_failures,

@@ -1,12 +1,20 @@
 """Ray Tune function trainables: flat config dict -> pipeline config -> ``run_pipeline`` -> ``tune.report``.
 
 A trial's config is flat: searched config fields by their dotted path (``{"eps.tau": 0.3, ...}``)
-plus one fixed entry, :data:`SETTINGS_KEY`, holding a :class:`TrialSettings` dict (the base config,
-the stages, the artifact store, where run folders go, ...). A trainable applies the searched values
+plus one fixed entry, :data:`SETTINGS_KEY`, holding a :class:`TrialSettings` dict (the stages, the
+artifact store, where run folders go, ...). The base config is not in it: a sweep stores each base
+once in the experiment folder (:func:`store_base`, ``base_configs/<digest>.json``) and the trial
+config names it (``base_ref``: its path and SHA-256), so Ray's trial table, ``params.json`` and W&B
+hold the searched values and a dozen settings, not the ~70 fields of the base. A trainable applies the searched values
 to the base config with :func:`~wsss_tune.config.apply_overrides`, runs
 :func:`~wsss_tune.stages.pipeline.run_pipeline` with a :class:`~trainables.reporter.TuneReporter` and
 an :class:`~wsss_tune.artifacts.ArtifactStore` on the shared store, and ends with a result holding
 every metric of the run plus ``final: True``.
+
+Devices: a trial runs where its Ray resources say (:func:`place_trial`): with 0 GPUs on the CPU,
+explicitly (``run.device`` forced, ``CUDA_VISIBLE_DEVICES`` blanked: Ray >= 2.60 leaves it set for
+0-GPU workers, so ``auto`` would find GPU 0), else on the GPUs Ray assigned, memory capped at a
+fractional share; torch threads and loader workers follow its CPUs.
 
 All paths are absolute: Ray runs a trial in its own working directory. A trial's run folder
 (``<runs_dir>/<trial id>``, with its resolved ``config.yaml`` and ``metrics.json``) has the same
@@ -21,7 +29,8 @@ for the whole pipeline; upstream stages a stage needs come from the artifact cac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +42,13 @@ from wsss_tune.stages.pipeline import parse_stages
 __all__ = [
     "SETTINGS_KEY",
     "NODE_KEY",
+    "BASE_CONFIGS_DIR",
     "TrialSettings",
+    "store_base",
     "split_trial_config",
     "trial_pipeline_config",
     "run_trial",
+    "place_trial",
     "eps_trainable",
     "affinity_trainable",
     "deeplab_trainable",
@@ -56,6 +68,59 @@ NODE_KEY = "node_id"
 _STAGE_TRAINABLE_STAGES: dict[str, tuple[str, ...]] = graph.stage_requirements()
 #: Folder of a run's short-lived Tune checkpoint packages, inside its run folder.
 _STAGING = ".tune_checkpoints"
+#: Folder of the experiment holding the base configs its trial configs name (``base_ref``).
+BASE_CONFIGS_DIR = "base_configs"
+#: Base configs read in this process, by SHA-256 (a worker reuses it across trials).
+_BASES: dict[str, dict[str, Any]] = {}
+
+
+def _base_digest(base: Mapping[str, Any]) -> tuple[bytes, str]:
+    import hashlib
+    import json
+
+    data = (json.dumps(base, sort_keys=True, indent=1) + "\n").encode()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def store_base(base: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
+    """Write ``base`` once to ``<folder>/base_configs/<digest>.json`` (content-addressed; an existing
+    file is kept) and return the reference a trial config holds: ``{"path", "sha256"}``."""
+    from wsss_tune.utils.io import atomic_write_bytes
+
+    data, digest = _base_digest(base)
+    path = Path(folder).resolve() / BASE_CONFIGS_DIR / f"{digest[:16]}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    _BASES[digest] = dict(base)
+    return {"path": str(path), "sha256": digest}
+
+
+def _load_base(ref: Any) -> dict[str, Any]:
+    """The base config a trial config's ``base_ref`` names, checked against its SHA-256."""
+    import hashlib
+    import json
+
+    where = f"trial config {SETTINGS_KEY}.base_ref"
+    if not isinstance(ref, Mapping) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("sha256"), str):
+        raise ValueError(f"{where} = {ref!r}: expected {{'path': <file>, 'sha256': <hex digest>}}")
+    digest = ref["sha256"]
+    if digest in _BASES:
+        return _BASES[digest]
+    path = Path(ref["path"])
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read the base config {path} ({exc.strerror or exc}); the experiment "
+                         "folder must be visible at the same path on every node") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"{path}: the base config changed since the sweep started (SHA-256 differs from {where})")
+    try:
+        base = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    _BASES[digest] = base
+    return base
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,12 +168,25 @@ class TrialSettings:
         d["base"], d["stages"] = dict(self.base), list(self.stages)
         return d
 
+    def to_trial_config(self, folder: str | Path) -> dict[str, Any]:
+        """The dict a trial config holds: :meth:`to_dict` with the base replaced by ``base_ref``, a
+        reference to its copy stored once under ``folder`` (:func:`store_base`)."""
+        d = self.to_dict()
+        d["base_ref"] = store_base(d.pop("base"), folder)
+        return d
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrialSettings:
+        """Settings from :meth:`to_dict` or :meth:`to_trial_config` (the base read from its file)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names - {"base_ref"})
         if unknown:
             raise ValueError(f"trial config {SETTINGS_KEY!r}: unknown key(s) {unknown}; known: {sorted(names)}")
+        data = dict(data)
+        if "base_ref" in data:
+            if "base" in data:
+                raise ValueError(f"trial config {SETTINGS_KEY!r}: has both 'base' and 'base_ref'; expected one")
+            data["base"] = _load_base(data.pop("base_ref"))
         return cls(**{**data, "stages": tuple(data.get("stages", ()))})
 
 
@@ -156,6 +234,8 @@ def run_trial(
     trial_id: str,
     report_fn: Callable[..., None] | None = None,
     checkpoint_dir: str | Path | None = None,
+    resources: Mapping[str, float] | None = None,
+    gpu_ids: Sequence[int | str] = (),
 ) -> dict[str, Any]:
     """Run one trial: the body of every trainable, callable without Ray (``report_fn``).
 
@@ -165,6 +245,9 @@ def run_trial(
         trial_id: Names the run folder ``<runs_dir>/<trial_id>``.
         report_fn: Receives each result (default ``ray.tune.report``).
         checkpoint_dir: A restored Tune checkpoint to put back into the store's work folder first.
+        resources: The trial's Ray resources (``{"CPU": 1, "GPU": 0.5}``); with them the trial runs where
+            they say (:func:`place_trial`). None (a call without Ray): ``run.device`` as configured.
+        gpu_ids: The GPU ids Ray assigned the trial (``ray.get_gpu_ids()``).
 
     Returns:
         The final result (all metrics, ``cache_repairs``: corrupted cache artifacts this trial found
@@ -182,13 +265,16 @@ def run_trial(
     run_dir = Path(settings.runs_dir) / trial_id
     store_uri = settings.store or str(run_dir / "artifacts")
     cfg = trial_pipeline_config(settings, params, store=store_uri)
-    store = ArtifactStore(uri=store_uri)
-    if checkpoint_dir is not None:
-        restore_work_checkpoint(checkpoint_dir, store)
-    if settings.threads > 0:
+    if resources is not None:  # first: nothing may touch CUDA before the trial's GPUs are set
+        cfg, placement = place_trial(cfg, resources=resources, gpu_ids=gpu_ids, default_cpus=settings.threads)
+        print(f"trial {trial_id}: {placement.describe()}", file=sys.stderr, flush=True)
+    elif settings.threads > 0:
         import torch
 
         torch.set_num_threads(settings.threads)
+    store = ArtifactStore(uri=store_uri)
+    if checkpoint_dir is not None:
+        restore_work_checkpoint(checkpoint_dir, store)
     # Every result carries the store's repair count (corrupted artifacts found and rebuilt).
     reporter = TuneReporter(report_fn=report_fn, staging_dir=run_dir / _STAGING, checkpoints=settings.tune_checkpoints,
                             store=store)
@@ -205,6 +291,36 @@ def run_trial(
     return reporter.report_final(metrics, **extra)
 
 
+def place_trial(cfg: PipelineConfig, *, resources: Mapping[str, float], gpu_ids: Sequence[int | str],
+                default_cpus: float = 1, environ: MutableMapping[str, str] | None = None,
+                ) -> tuple[PipelineConfig, Any]:
+    """Make this process run the trial where its Ray resources say, and the config say so too.
+
+    :func:`~wsss_tune.utils.runtime.trial_placement` decides (0 GPUs: the CPU, ``CUDA_VISIBLE_DEVICES``
+    blanked; a GPU share: the assigned ids, the card's memory capped at a fractional share; torch
+    threads = CPUs, loader workers at most CPUs - 1) and :func:`~wsss_tune.utils.runtime.apply_placement`
+    applies it. The returned config has ``run.device`` and ``data.num_workers`` set to what the trial
+    uses (neither keys an artifact), so every stage and the run's ``config.yaml`` follow it.
+
+    Args:
+        resources: ``{"CPU": ..., "GPU": ...}`` of the trial (Ray's trial resources).
+        gpu_ids: GPU ids Ray assigned (``ray.get_gpu_ids()``).
+        default_cpus: CPUs when ``resources`` names none (the trial settings' ``threads``).
+        environ: The environment to set (default ``os.environ``).
+
+    Returns:
+        The config and the :class:`~wsss_tune.utils.runtime.TrialPlacement`.
+    """
+    from wsss_tune.utils.runtime import apply_placement, trial_placement
+
+    cpus = float(resources.get("CPU") or default_cpus or 1)
+    placement = trial_placement(gpus=float(resources.get("GPU") or 0), gpu_ids=gpu_ids, cpus=cpus,
+                                device=cfg.run.device, num_workers=cfg.data.num_workers)
+    apply_placement(placement, environ)
+    cfg = apply_overrides(cfg, {"run.device": placement.device, "data.num_workers": placement.workers})
+    return cfg, placement
+
+
 def _tune_trial(config: dict[str, Any], stages: Sequence[str] | None) -> None:
     import ray
     from ray import tune
@@ -212,6 +328,9 @@ def _tune_trial(config: dict[str, Any], stages: Sequence[str] | None) -> None:
     ctx = tune.get_context()
     # Every result names the Ray node that produced it (trials.parquet shows where each trial ran).
     node_id = ray.get_runtime_context().get_node_id()
+    # What Ray gave this trial: its CPUs and GPU share, and which GPUs.
+    placed: dict[str, Any] = {"resources": dict(ctx.get_trial_resources().required_resources),
+                              "gpu_ids": list(ray.get_gpu_ids())}
 
     def report(result: Mapping[str, Any], **kwargs: Any) -> None:
         tune.report({**result, NODE_KEY: node_id}, **kwargs)
@@ -219,9 +338,10 @@ def _tune_trial(config: dict[str, Any], stages: Sequence[str] | None) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), report_fn=report, checkpoint_dir=folder)
+            run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), report_fn=report, checkpoint_dir=folder,
+                      **placed)
     else:
-        run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), report_fn=report)
+        run_trial(config, stages=stages, trial_id=ctx.get_trial_id(), report_fn=report, **placed)
 
 
 def eps_trainable(config: dict[str, Any]) -> None:

@@ -98,6 +98,7 @@ _NAMED_ERRORS = (
     ("wsss_tune.validate", "PreflightError"),
     ("wsss_tune.analysis.results", "ResultsError"),
     ("wsss_tune.reporting", "DivergedError"),
+    ("wsss_tune.stages.common", "TrainingOutOfMemoryError"),
     ("wsss_tune.trainables.cluster", "DriverStillRunsError"),
 )
 #: Parser errors that do not name their file, by module, and the file formats they mean.
@@ -376,6 +377,29 @@ def data_prepare_voc(
 # --------------------------------------------------------------------------------------------------
 
 
+#: Folder of the empty artifact store ``run --fresh`` uses, inside the run folder.
+FRESH_STORE_DIR = "fresh_artifacts"
+
+
+def _stage_lines(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per artifact of a run: served from the cache, or trained / computed, and its folder."""
+    from wsss_tune.stages import graph
+
+    baseline = {v: k for k, v in graph.CAM_BASELINE.items()}
+    width = max((len(label) for label in stages), default=0)
+    lines = []
+    for label, info in stages.items():
+        trains = graph.spec(baseline.get(label, label)).trains
+        built = info.get("build_seconds")
+        took = f"{built:.1f} s" if isinstance(built, int | float) else "time unknown"
+        if info.get("hit"):
+            what = f"served from the cache (stored result, built earlier in {took})"
+        else:
+            what = f"{'trained' if trains else 'computed'} in {took}"
+        lines.append(f"  {label:<{width}}  {what}: {info.get('path')}")
+    return lines
+
+
 @app.command("run")
 def run(
     config: Annotated[str, typer.Argument(help="Built-in config name (synth, voc) or a YAML path.")],
@@ -384,21 +408,46 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
     data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
     synth_if_missing: Annotated[bool, typer.Option(help="Generate the synthetic dataset if data.root is missing.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help=f"Use a new, empty artifact store (OUT/{FRESH_STORE_DIR}) instead of run.artifact_store, so "
+                        "every stage is trained and computed from scratch (an exported config otherwise reads the "
+                        "experiment's store and only reports the stored numbers).")] = False,
 ) -> None:
-    """Run pipeline stages once, without Ray; writes the resolved config and metrics.json."""
-    from wsss_tune.stages.pipeline import parse_stages, run_pipeline
+    """Run pipeline stages once, without Ray; writes the resolved config and metrics.json, and says for
+    every stage whether it was served from the artifact cache or trained."""
+    from wsss_tune.config import apply_overrides
+    from wsss_tune.stages.pipeline import PipelineRun, parse_stages
     from wsss_tune.validate import require_preflight
 
     _reads_yaml(config, "config file", "wsss_tune/configs/synth.yaml")
     cfg = _load(config, set_, data)
     stage_list = parse_stages(stages)
     out_dir = (out or Path("runs") / cfg.name).resolve()
+    if fresh:
+        if any(o.split("=", 1)[0].strip() == "run.artifact_store" for o in set_ or ()):
+            _fail("--fresh and --set run.artifact_store both choose the artifact store; give one of them")
+        store_dir = out_dir / FRESH_STORE_DIR
+        if store_dir.is_dir() and any(store_dir.iterdir()):
+            _fail(f"--fresh: {store_dir} already holds the artifacts of an earlier fresh run; delete that folder "
+                  "to retrain again, or give another run folder with --out")
+        cfg = apply_overrides(cfg, {"run.artifact_store": str(store_dir)})
     if synth_if_missing and not Path(cfg.data.root).exists():
         from wsss_tune.data import generate_synthetic_voc
 
         generate_synthetic_voc(cfg.data.root, seed=cfg.run.seed)
     require_preflight(cfg, stages=stage_list, experiments=out_dir)
-    metrics = run_pipeline(cfg, stages=stage_list, out_dir=out_dir)
+    pipeline = PipelineRun(cfg, out_dir=out_dir)
+    metrics = pipeline.run(stage_list)
+    infos = metrics.get("stages") or {}
+    hits = sum(bool(i.get("hit")) for i in infos.values())
+    typer.echo(f"artifact store: {pipeline.store.uri}{' (new and empty: --fresh)' if fresh else ''}")
+    for line in _stage_lines(infos):
+        typer.echo(line)
+    if infos and hits == len(infos):
+        typer.echo("every stage was served from the cache: these are the stored numbers, nothing was trained or "
+                   "recomputed; add --fresh to retrain from scratch in an empty store")
+    elif hits:
+        typer.echo(f"{hits} of {len(infos)} stage artifacts were served from the cache, the others were built")
     headline = {k: v for k, v in metrics.items() if k.endswith("_miou") or k.endswith("_method")}
     typer.echo(json.dumps(headline, indent=2, default=str))
     typer.echo(f"run folder: {out_dir}")
@@ -526,8 +575,11 @@ def sweep(
     space: Annotated[str, typer.Argument(help="Search space: built-in name (synth_rw, eps, ...) or a YAML path.")],
     data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
     trials: Annotated[int | None, typer.Option(help="Trials (default: the space's num_samples).")] = None,
-    gpus_per_trial: Annotated[float, typer.Option(help="GPUs per trial; fractions share a GPU.")] = 0,
-    cpus_per_trial: Annotated[float, typer.Option(help="CPUs per trial.")] = 1,
+    gpus_per_trial: Annotated[float | None, typer.Option(
+        help="GPUs per trial; fractions share a GPU, each trial capped at its share of the memory; 0 trains on "
+             "the CPU (default: 1 where the Ray cluster has GPUs, else 0; the sweep prints what it chose).")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(
+        help="CPUs per trial: its torch threads; data loader workers at most CPUs - 1 (GPU trials: 4 or more).")] = 1,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto or host:port).")] = None,
     storage: Annotated[Path | None, typer.Option(help="Folder of experiments (default: ./experiments).")] = None,
     name: Annotated[str | None, typer.Option(help="Experiment name (default: <space>-<date>-<time>).")] = None,
@@ -551,6 +603,9 @@ def sweep(
              "0: no re-runs.")] = 2,
     compare_config: Annotated[list[str] | None, typer.Option(
         help="A config (built-in name or YAML) also run in the seed re-runs, for comparison (repeatable).")] = None,
+    prebuild: Annotated[bool, typer.Option(
+        help="Build the artifacts every trial shares first, with one trial's resources, so that waiting "
+             "trials hold no CPUs or GPUs.")] = True,
 ) -> None:
     """Search a space with Ray Tune + Optuna TPE (+ ASHA); the reference setting runs first, and the
     best configs re-run with more seeds before a winner is named."""
@@ -578,7 +633,8 @@ def sweep(
     result = run(space, data=data, trials=trials, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
                  address=address, storage=storage, name=name, wandb=wandb, seed=seed, max_failures=max_failures,
                  max_concurrent=max_concurrent, overrides=overrides, store=store, cache=cache, progress=progress,
-                 mode=mode, stage_budgets=budgets, reseed=reseed, compare=tuple(compare_config or ()))
+                 mode=mode, stage_budgets=budgets, reseed=reseed, compare=tuple(compare_config or ()),
+                 prebuild=prebuild)
     _check_failures(result, allow_failures)
 
 
@@ -607,12 +663,18 @@ def export(
     allow_incomplete: Annotated[bool, typer.Option(help="Export even if some trials failed or never ran.")] = False,
 ) -> None:
     """Write the best trial's full config as a YAML that `wsss-tune run` accepts."""
+    from wsss_tune.config import load_config
     from wsss_tune.trainables.sweep import export as run
 
     _reads(*_experiment_inputs(exp, study=False, runs=False))
     if out is not None:
         _require_writable(out.expanduser().absolute().parent, "--out")
-    run(exp, out=out, allow_incomplete=allow_incomplete)
+    path = run(exp, out=out, allow_incomplete=allow_incomplete)
+    store = load_config(path).run.artifact_store
+    if store:
+        typer.echo(f"it reads the experiment's artifact store {store}: `wsss-tune run {path}` serves every stage "
+                   "stored there (the trial's own numbers, nothing is retrained); add --fresh to retrain from "
+                   "scratch in an empty store")
 
 
 @results_app.command("rebuild")
@@ -721,15 +783,30 @@ def preflight(
     data: Annotated[Path | None, typer.Option(help="Dataset root (overrides data.root).")] = None,
     store: Annotated[str | None, typer.Option(help="Artifact store to probe (default run.artifact_store).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run / experiment folder to probe for writing.")] = None,
+    gpus_per_trial: Annotated[float | None, typer.Option(
+        help="GPU share of each trial (default: as a sweep here would take it: 1 with GPUs, else 0).")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs of each trial.")] = 1,
+    gpu_memory: Annotated[float | None, typer.Option(
+        help="GB of the trials' cards, to check memory where they are not visible (default: the smallest "
+             "card here).")] = None,
 ) -> None:
-    """Check every file, weight and storage location a run needs; exit 1 listing every problem."""
+    """Check every file, weight and storage location a run needs, the device each trial gets and whether
+    each training step fits in its GPU memory; exit 1 listing every problem."""
     from wsss_tune.doctor import exit_code, format_checks
     from wsss_tune.stages.pipeline import parse_stages
     from wsss_tune.validate import preflight as run_preflight
 
     _reads_yaml(config, "config file", "wsss_tune/configs/synth.yaml")
+    if gpus_per_trial is not None and not gpus_per_trial >= 0:
+        _fail(f"--gpus-per-trial {gpus_per_trial}: expected a GPU share >= 0")
+    if not cpus_per_trial > 0:
+        _fail(f"--cpus-per-trial {cpus_per_trial}: expected > 0")
+    if gpu_memory is not None and not gpu_memory > 0:
+        _fail(f"--gpu-memory {gpu_memory}: expected the cards' memory in GB, > 0")
     cfg = _load(config, set_, data)
-    checks = run_preflight(cfg, stages=parse_stages(stages), store=store, experiments=out)
+    checks = run_preflight(cfg, stages=parse_stages(stages), store=store, experiments=out,
+                           gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+                           gpu_memory=gpu_memory * 1e9 if gpu_memory is not None else None)
     typer.echo(format_checks(checks))
     raise typer.Exit(exit_code(checks))
 

@@ -1,7 +1,7 @@
 """Is this machine ready for a run? ``wsss-tune doctor`` and ``wsss-tune weights inspect``.
 
 :func:`run_doctor` returns one :class:`Check` per question - GPUs torch sees, GPUs Ray would see,
-free disk against the planned artifacts, the dataset, the weight files, W&B, the Ray cluster - each
+the device, precision and CPU threads each sweep trial gets by default, free disk against the planned artifacts, the dataset, the weight files, W&B, the Ray cluster - each
 ``ok``, ``warn`` (works, but worth knowing) or ``problem`` (a run would fail or mislead), with how to
 fix it. Nothing here starts Ray, downloads, or writes outside a temporary folder; weight files are
 tried on the ``meta`` device (shapes only, no memory for the model).
@@ -38,6 +38,7 @@ __all__ = [
     "check_config",
     "check_torch_gpus",
     "check_ray_gpus",
+    "check_trial_device",
     "check_data",
     "check_disk",
     "check_weights",
@@ -198,7 +199,8 @@ def check_ray_gpus(*, torch_count: int | None = None) -> Check:
         return Check("gpus.ray", "ok" if torch_count else "warn",
                      f"CUDA_VISIBLE_DEVICES unset: Ray would see all {torch_count} GPU(s) torch sees"
                      + ("" if torch_count else "; trials asking for GPUs would never start"),
-                     "run sweeps with --gpus-per-trial 0 on a CPU-only machine")
+                     "sweeps here default to --gpus-per-trial 0 (trials train on the CPU); ask for GPUs only "
+                     "when joining a cluster that has them")
     listed = [d.strip() for d in visible.split(",") if d.strip()]
     if listed == ["-1"]:
         listed = []
@@ -209,6 +211,59 @@ def check_ray_gpus(*, torch_count: int | None = None) -> Check:
     return Check("gpus.ray", "ok" if listed else "warn",
                  f"CUDA_VISIBLE_DEVICES={visible!r}: Ray would see {len(listed)} GPU(s)",
                  "unset CUDA_VISIBLE_DEVICES to use every GPU")
+
+
+def _amp_stages(cfg: PipelineConfig | None) -> list[str]:
+    if cfg is None:
+        return ["eps", "affinity", "deeplab"]
+    return [name for name in ("eps", "affinity", "deeplab") if getattr(cfg, name).amp]
+
+
+def check_trial_device(cfg: PipelineConfig | None, *, gpus_per_trial: float | None = None, cpus_per_trial: float = 1,
+                       inventory: Sequence[Any] | None = None) -> Check:
+    """The device, precision and CPU budget each sweep trial gets here: ``gpus_per_trial`` (None: the
+    sweep's default for the GPUs seen here), the cards' precision with ``amp``, torch threads and loader
+    workers from ``cpus_per_trial`` (:func:`~wsss_tune.utils.runtime.trial_placement`).
+
+    Args:
+        cfg: the run's config (``run.device``, ``data.num_workers``, each stage's ``amp``); None: defaults.
+        inventory: the GPUs (default :func:`~wsss_tune.utils.runtime.gpu_inventory`).
+    """
+    from wsss_tune.utils.runtime import default_gpus_per_trial, gpu_inventory, trial_placement
+
+    cards = list(gpu_inventory() if inventory is None else inventory)
+    device = cfg.run.device if cfg is not None else "auto"
+    workers = cfg.data.num_workers if cfg is not None else 0
+    gpus = default_gpus_per_trial(len(cards), device) if gpus_per_trial is None else float(gpus_per_trial)
+    chosen = f"{'default ' if gpus_per_trial is None else ''}--gpus-per-trial {gpus:g}"
+    name = "trial.device"
+    try:
+        p = trial_placement(gpus=gpus, gpu_ids=("0",) if gpus else (), cpus=cpus_per_trial, device=device,
+                            num_workers=workers)
+    except ValueError as exc:
+        return Check(name, "problem", f"{chosen}: {exc}", "pass --gpus-per-trial 1 (or a fraction) on a machine "
+                     "with GPUs, or set run.device=auto")
+    cpu = (f"{cpus_per_trial:g} CPU: {p.threads} torch thread(s), {p.workers} loader worker(s) "
+           f"(data.num_workers {workers}, at most CPUs - 1)")
+    if p.device == "cpu":
+        why = "run.device is cpu" if device == "cpu" and gpus else f"{len(cards)} GPU(s) here"
+        return Check(name, "ok", f"each trial ({chosen}, {why}): cpu, float32; {cpu}")
+    share = f"{gpus:g} of a GPU, memory capped at {p.memory_fraction:.0%}" if p.memory_fraction is not None \
+        else f"{gpus:g} GPU"
+    if not cards:
+        return Check(name, "warn", f"each trial ({chosen}): cuda, {share}, but no GPU is visible here: trials run "
+                     f"only on Ray nodes that have GPUs; {cpu}", "check `nvidia-smi` here, or join a cluster with "
+                     "GPUs (--address)")
+    at_once = math.floor(len(cards) / gpus + 1e-9)
+    if p.memory_fraction is not None:
+        share += f" ({_gb(min(c.total_bytes for c in cards) * gpus)})"
+    amp = _amp_stages(cfg)
+    kinds: dict[str, list[str]] = {}
+    for c in cards:
+        kinds.setdefault(c.precision() if amp else "fp32 (amp off)", []).append(c.name)
+    precision = "; ".join(f"{', '.join(sorted(set(names)))}: {kind}" for kind, names in kinds.items())
+    return Check(name, "ok", f"each trial ({chosen}): cuda, {share}, {at_once} trial(s) at once on {len(cards)} "
+                 f"GPU(s); precision with amp ({', '.join(amp) or 'none'}): {precision}; {cpu}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -715,7 +770,8 @@ def run_doctor(
     store: str | None = None,
     experiments: Path | None = None,
 ) -> list[Check]:
-    """Every check, in order: config, GPUs (torch, Ray), data, disk, weights, W&B, Ray cluster.
+    """Every check, in order: config, GPUs (torch, Ray, what each sweep trial gets), data, disk, weights,
+    W&B, Ray cluster.
 
     Args:
         data: dataset root (overrides ``data.root``).
@@ -731,7 +787,8 @@ def run_doctor(
     cfg_check, cfg = check_config(config or "voc", overrides, data)
     checks = [cfg_check]
     gpu = check_torch_gpus(device=cfg.run.device if cfg else "auto")
-    checks += [gpu, check_ray_gpus(torch_count=torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    checks += [gpu, check_ray_gpus(torch_count=torch.cuda.device_count() if torch.cuda.is_available() else 0),
+               check_trial_device(cfg)]
     if cfg is not None:
         checks += check_data(cfg, full=full)
         checks += check_disk(cfg, store=store, experiments=experiments)

@@ -3,9 +3,12 @@
 :func:`preflight` reads every file of the splits the stages use (images, saliency maps of the EPS
 training split, GT masks of the scored splits, labels), dry-loads each configured weight file into its
 stage's backbone on the ``meta`` device (missing and unexpected keys by name), and writes a probe
-file into the artifact store and the experiment folder (local paths or pyarrow URIs).
-:func:`require_preflight` raises :class:`PreflightError` listing every problem at once, each naming
-its file, key or URI and what was expected.
+file into the artifact store and the experiment folder (local paths or pyarrow URIs). For the trials
+it says which device, precision and CPU budget each gets and whether each training stage's step fits
+in the trial's share of GPU memory (:func:`check_trial_resources`, on the memory model of
+:func:`wsss_tune.analysis.plan.check_gpu_memory`). :func:`require_preflight` raises
+:class:`PreflightError` listing every problem at once, each naming its file, key or URI and what was
+expected.
 
 The individual checks are the ones ``wsss-tune doctor`` runs (:mod:`wsss_tune.doctor`) and the
 dataset reader's own errors (:func:`wsss_tune.data.check_dataset`); here they run on every id, not a
@@ -19,11 +22,13 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from wsss_tune.config import PipelineConfig
-from wsss_tune.doctor import Check, _eval_splits, check_weights
+from wsss_tune.doctor import Check, _eval_splits, check_trial_device, check_weights
 
-__all__ = ["PreflightError", "check_writable", "preflight_data", "preflight", "require_preflight"]
+__all__ = ["PreflightError", "check_writable", "preflight_data", "check_trial_resources", "preflight",
+           "require_preflight"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 PROBE_PREFIX = ".wsss-preflight-"
 #: Problems listed in a :class:`PreflightError` message before the rest are counted (our choice).
 SHOWN_PROBLEMS = 30
+#: Object classes assumed for the memory estimate when the dataset cannot be read (VOC).
+VOC_CLASSES = 20
 
 
 class PreflightError(ValueError):
@@ -116,12 +123,64 @@ def preflight_data(cfg: PipelineConfig, *, stages: Sequence[str]) -> list[Check]
     return out
 
 
+def check_trial_resources(
+    cfg: PipelineConfig,
+    *,
+    stages: Sequence[str],
+    gpus_per_trial: float | None = None,
+    cpus_per_trial: float = 1,
+    gpu_memory: float | None = None,
+    inventory: Sequence[Any] | None = None,
+) -> list[Check]:
+    """What each trial gets (:func:`~wsss_tune.doctor.check_trial_device`) and whether each training
+    stage's step fits in its GPU memory (:func:`~wsss_tune.analysis.plan.check_gpu_memory`).
+
+    Args:
+        gpus_per_trial: The trials' GPU share; None: the sweep's default for the GPUs seen here (1 with
+            ``gpu_memory`` given).
+        cpus_per_trial: The trials' CPUs.
+        gpu_memory: Bytes of the trials' cards (default: the smallest card seen here).
+        inventory: The GPUs seen here (default :func:`~wsss_tune.utils.runtime.gpu_inventory`).
+    """
+    from wsss_tune.analysis.plan import check_gpu_memory
+    from wsss_tune.utils.runtime import DEFAULT_GPUS_PER_TRIAL, gpu_inventory
+
+    cards = list(gpu_inventory() if inventory is None else inventory)
+    if gpus_per_trial is None and gpu_memory is not None:
+        gpus_per_trial = DEFAULT_GPUS_PER_TRIAL
+    checks = [check_trial_device(cfg, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, inventory=cards)]
+    if checks[0].status == "problem":
+        return checks
+    if gpus_per_trial is None:
+        from wsss_tune.utils.runtime import default_gpus_per_trial
+
+        gpus_per_trial = default_gpus_per_trial(len(cards), cfg.run.device)
+    smallest = min(cards, key=lambda c: c.total_bytes) if cards else None
+    if gpu_memory is None and smallest is not None:
+        gpu_memory = float(smallest.total_bytes)
+    name = smallest.name if smallest is not None and gpu_memory == smallest.total_bytes else ""
+    return checks + check_gpu_memory(cfg, stages, gpu_bytes=gpu_memory, gpus_per_trial=gpus_per_trial,
+                                     num_classes=_num_classes(cfg), gpu_name=name)
+
+
+def _num_classes(cfg: PipelineConfig) -> int:
+    from wsss_tune.data import DataError, VOCLayout
+
+    try:
+        return VOCLayout.from_config(cfg.data).num_classes
+    except (DataError, OSError, ValueError):
+        return VOC_CLASSES
+
+
 def preflight(
     cfg: PipelineConfig,
     *,
     stages: Sequence[str] = ("eps", "affinity", "deeplab"),
     store: str | None = None,
     experiments: str | Path | None = None,
+    gpus_per_trial: float | None = None,
+    cpus_per_trial: float = 1,
+    gpu_memory: float | None = None,
 ) -> list[Check]:
     """Run every pre-flight check and return them all (``ok``, ``warn`` and ``problem``).
 
@@ -130,6 +189,7 @@ def preflight(
         stages: Stages about to run; data and weights of other stages are not required.
         store: Artifact store URI (default ``cfg.run.artifact_store``; not checked when both are empty).
         experiments: Folder the run or sweep writes its results to (not checked when None).
+        gpus_per_trial, cpus_per_trial, gpu_memory: The trials' resources (:func:`check_trial_resources`).
     """
     checks = preflight_data(cfg, stages=stages)
     if not any(c.status == "problem" for c in checks):
@@ -141,6 +201,8 @@ def preflight(
         checks.append(check_writable(store, name="storage.artifacts (run.artifact_store)"))
     if experiments is not None:
         checks.append(check_writable(str(experiments), name="storage.experiments"))
+    checks += check_trial_resources(cfg, stages=stages, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+                                    gpu_memory=gpu_memory)
     return checks
 
 
@@ -150,10 +212,13 @@ def require_preflight(
     stages: Sequence[str] = ("eps", "affinity", "deeplab"),
     store: str | None = None,
     experiments: str | Path | None = None,
+    gpus_per_trial: float | None = None,
+    cpus_per_trial: float = 1,
 ) -> list[Check]:
     """:func:`preflight`, raising :class:`PreflightError` with every problem when there is any; the
     warnings (e.g. training images with no class) are logged and do not stop the run."""
-    checks = preflight(cfg, stages=stages, store=store, experiments=experiments)
+    checks = preflight(cfg, stages=stages, store=store, experiments=experiments, gpus_per_trial=gpus_per_trial,
+                       cpus_per_trial=cpus_per_trial)
     problems = [c for c in checks if c.status == "problem"]
     if problems:
         raise PreflightError(problems)

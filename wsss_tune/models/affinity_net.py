@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from wsss_tune.models.eps_net import HEAD_LR_MULT, backbone_head_param_groups, check_backbone_contract
 from wsss_tune.models.registry import create_backbone
 from wsss_tune.models.weights import LoadReport, load_pretrained, load_state
+from wsss_tune.utils.runtime import full_precision
 
 __all__ = ["AffinityNet", "build_affinity_net", "AFFINITY_WIDTHS", "AFFINITY_OUT_CHANNELS"]
 
@@ -40,7 +41,8 @@ class AffinityNet(nn.Module):
 
     The reduction convs have no bias and Kaiming-normal init, the fuse conv no bias and Xavier-uniform
     init with gain 4 (PSA reference). Reduced maps whose size differs from the last map's are resized
-    to it (bilinear) before concatenation.
+    to it (bilinear) before concatenation. The fuse conv runs in float32 with autocast off, so the
+    features (and the affinities made from them) are float32 under mixed precision too.
 
     Args:
         backbone: a registry backbone (three maps, ``stage_channels``).
@@ -101,7 +103,11 @@ class AffinityNet(nn.Module):
             if r.shape[-2:] != size:
                 r = F.interpolate(r, size=size, mode=RESIZE_MODE, align_corners=False)
             reduced.append(r)
-        return F.elu(self.fuse(torch.cat(reduced, dim=1)))
+        fused = torch.cat(reduced, dim=1)
+        # The features become affinities exp(-mean|f_i - f_j|), raised to beta = 8 by the walk: they
+        # are made in float32 even under autocast (bf16 keeps 8 bits, which would quantise the pairs).
+        with full_precision(fused.device):
+            return F.elu(self.fuse(fused.float()))
 
     def param_groups(self, lr: float, head_lr_mult: float = HEAD_LR_MULT,
                      weight_decay: float = 0.0) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from wsss_tune.ops.labelmap import score_argmax
 from wsss_tune.ops.metric import IGNORE_INDEX
 from wsss_tune.ops.neighbors import DEFAULT_RADIUS, pair_valid, pair_views
+from wsss_tune.utils.runtime import full_precision
 
 __all__ = [
     "IGNORE_INDEX",
@@ -60,8 +61,9 @@ def affinity_from_features(
 
     Computed one offset at a time: without autograd there is no ``(B, C, D, h'·w')`` intermediate (the
     reference materialises one); with autograd the saved differences add up to that size. Half-precision
-    features are averaged in float32 and give float32 affinities, because the loss takes
-    ``log(1 + 1e-5 - a)`` and 1e-5 is below half precision's resolution near 1.
+    features are cast to float32 first and the whole computation runs with autocast off, giving
+    float32 affinities: the loss takes ``log(1 + 1e-5 - a)`` (1e-5 is below half precision's resolution
+    near 1) and the random walk raises them to the power beta.
 
     Args:
         feat: AffinityNet features.
@@ -76,9 +78,10 @@ def affinity_from_features(
     """
     if feat.dim() != 4 or not feat.is_floating_point():
         raise ValueError(f"feat: expected a float tensor (B, C, h, w), got {feat.dtype} {tuple(feat.shape)}")
-    acc = torch.promote_types(feat.dtype, torch.float32)
-    src, dst = pair_views(feat, radius, pad_border=pad_border, fill=0.0)
-    aff = torch.stack([torch.exp(-(src - t).abs().mean(dim=1, dtype=acc)) for t in dst], dim=1)
+    feat = feat.to(torch.promote_types(feat.dtype, torch.float32))
+    with full_precision(feat.device):
+        src, dst = pair_views(feat, radius, pad_border=pad_border, fill=0.0)
+        aff = torch.stack([torch.exp(-(src - t).abs().mean(dim=1)) for t in dst], dim=1)
     if pad_border:
         valid = pair_valid(feat.shape[-2], feat.shape[-1], radius, pad_border=True, device=feat.device)
         aff = aff.masked_fill(~valid, 0.0)

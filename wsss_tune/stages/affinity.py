@@ -32,12 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from wsss_tune.config import AffinityConfig, PipelineConfig
 from wsss_tune.data import TrainTransform, VOCLayout, normalize_image
 from wsss_tune.models.affinity_net import AffinityNet, build_affinity_net
 from wsss_tune.ops.affinity import (
+    BG_POS_WEIGHT,
+    COUNT_EPS,
+    FG_POS_WEIGHT,
+    NEG_WEIGHT,
     affinity_from_features,
     affinity_labels,
     affinity_loss,
@@ -46,7 +50,7 @@ from wsss_tune.ops.affinity import (
 )
 from wsss_tune.ops.neighbors import neighbor_offsets, pair_crop
 from wsss_tune.reporting import Reporter, check_finite
-from wsss_tune.stages import graph
+from wsss_tune.stages import distributed, graph
 from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
@@ -269,7 +273,8 @@ def _build_model(cfg: PipelineConfig, *, init_state: Mapping[str, Any] | None, p
                               init_state=init_state, pretrained=pretrained)
 
 
-def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.device) -> TrainStep:
+def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.device,
+                       forward: nn.Module | None = None) -> TrainStep:
     """One AffinityNet training step on ``model`` (already on ``device``), with the optimiser of ``a``.
 
     SGD/Adam, backbone at ``lr`` and the new layers at ``lr * head_lr_mult``; ``affinity.momentum`` is
@@ -281,6 +286,10 @@ def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.d
 
     Batches: ``{"image": (B, 3, s, s), "mask": long (B, s, s)}`` (:class:`AffinityTrainSet`).
 
+    ``forward``: the module the step calls, ``model``'s DistributedDataParallel wrapper on data-parallel
+    ranks (default ``model``). There each part's mean over this rank's pairs is scaled to its share of
+    the mean over the global batch's pairs (:func:`~wsss_tune.stages.distributed.mean_shares`).
+
     Raises:
         ValueError: ``affinity.crop_size`` is not a multiple of the model's output stride.
     """
@@ -291,13 +300,14 @@ def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.d
     optimizer = build_optimizer(model.param_groups(a.lr, a.head_lr_mult, a.weight_decay), kind=a.optimizer,
                                 lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
     scaler = make_grad_scaler(device, a.amp)
+    forward = model if forward is None else forward
 
     def run(batches: Sequence[Mapping[str, Tensor]], step: int) -> dict[str, float]:
         (batch,) = batches
         image = to_device(batch["image"], device, a.channels_last)
         mask = batch["mask"].to(device, non_blocking=True)
         with autocast(device, a.amp):
-            feats = model(image)
+            feats = forward(image)
         small = labels_at_stride(mask, stride)
         if small.shape[-2:] != feats.shape[-2:]:
             raise ValueError(f"labels at stride {stride} are {tuple(small.shape[-2:])} but the features are "
@@ -305,6 +315,10 @@ def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.d
         aff = affinity_from_features(feats.float(), radius=a.radius)
         bg_pos, fg_pos, neg = affinity_labels(small, radius=a.radius)
         loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
+        shares = distributed.mean_shares([parts[f"{p}_count"] for p in _PARTS], eps=COUNT_EPS)
+        if shares is not None:  # the parts re-weighted as affinity_loss weighs them
+            parts = {**parts, **{p: parts[p] * s for p, s in zip(_PARTS, shares, strict=True)}}
+            loss = BG_POS_WEIGHT * parts["bg"] + FG_POS_WEIGHT * parts["fg"] + NEG_WEIGHT * parts["neg"]
         loss_value = loss.item()
         check_finite("affinity/loss", loss_value, step=step)
         optimizer.zero_grad(set_to_none=True)
@@ -314,7 +328,8 @@ def make_affinity_step(a: AffinityConfig, model: AffinityNet, *, device: torch.d
                 **{f"affinity/loss_{p}": float(parts[p].detach()) for p in _PARTS},
                 **{f"affinity/pairs_{p}": float(parts[f"{p}_count"].detach()) for p in _PARTS}}
 
-    return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run)
+    return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run,
+                     summed=tuple(f"affinity/pairs_{p}" for p in _PARTS))
 
 
 def train_affinity(
@@ -340,7 +355,8 @@ def train_affinity(
     Reports ``affinity/loss``, ``affinity/loss_{bg,fg,neg}``, ``affinity/pairs_{bg,fg,neg}`` (mean pair
     counts per batch) and ``affinity/lr`` every ``log_every`` steps; checkpoints (model, optimizer,
     step, RNG, grad scaler, log window) every ``checkpoint_every`` steps and at the end, and a restart
-    resumes from the newest one. A finished folder is returned as is.
+    resumes from the newest one. A finished folder is returned as is. With ``run.ddp_ranks`` several
+    processes train together, taking the same steps (:mod:`~wsss_tune.stages.distributed`).
 
     Raises:
         DivergedError: the loss became NaN/inf (checked every step, before the update).
@@ -369,13 +385,23 @@ def train_affinity(
     transform = TrainTransform(crop_size=a.crop_size, resize_long=a.resize_long, hflip=TRAIN_HFLIP,
                                jitter=TRAIN_JITTER)
     dataset = AffinityTrainSet(layout=layout, ids=ids, labels=labels, transform=transform)
-    total = max_steps(a, len(dataset))
+    distributed.launch(_fit_affinity, cfg, dataset, eps_model, out_dir, reporter=reporter, device=device,
+                       ranks=distributed.resolve_ranks(cfg.run.ddp_ranks, device),
+                       batch_sizes={"affinity.batch_size": a.batch_size})
+    return model_path
 
+
+def _fit_affinity(cfg: PipelineConfig, dataset: AffinityTrainSet, eps_model: Path, out_dir: Path, *,
+                  reporter: Reporter, device: torch.device) -> None:
+    """:func:`train_affinity`'s training in this process: the whole run, or one rank's part of it (with
+    ``run.ddp_ranks``, see :mod:`~wsss_tune.stages.distributed`); rank 0 writes the results."""
+    a = cfg.affinity
+    total = max_steps(a, len(dataset))
     seed_everything(cfg.run.seed)
     init_state = torch.load(eps_model, map_location="cpu", weights_only=True) if a.init == "eps" else None
     model = _build_model(cfg, init_state=init_state, pretrained=a.pretrained if a.init == "imagenet" else "")
     model = prepare_model(model, device, a.channels_last)
-    step = make_affinity_step(a, model, device=device)
+    step = make_affinity_step(a, model, device=device, forward=distributed.wrap(model, device))
     loop = TrainingLoop(
         "affinity", total=total, total_field="the training steps (affinity.epochs or affinity.iterations)",
         ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
@@ -383,10 +409,9 @@ def train_affinity(
         log_every=a.log_every, checkpoint_every=a.checkpoint_every)
     last_logged = loop.run(step, dataset, batch_size=a.batch_size, seed=cfg.run.seed, lr=a.lr, poly_power=a.poly_power,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-
-    save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": model.output_stride, **last_logged})
-    return model_path
+    if distributed.is_main():
+        save_state_dict(out_dir / MODEL_FILE, model)
+        atomic_write_json(out_dir / SUMMARY_FILE, {"steps": total, "stride": model.output_stride, **last_logged})
 
 
 # --------------------------------------------------------------------------------------------------

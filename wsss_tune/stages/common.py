@@ -6,6 +6,7 @@ Written once here so the EPS, AffinityNet and DeepLab runners differ only in the
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import random
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsss_tune.reporting import Reporter, check_finite
+from wsss_tune.stages import distributed
+from wsss_tune.utils import runtime
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "set_poly_lr",
     "CheckpointManager",
     "ResumableSampler",
+    "RankBatches",
     "make_loader",
     "capture_rng",
     "restore_rng",
@@ -47,6 +51,8 @@ __all__ = [
     "optimizer_step",
     "TrainStep",
     "TrainingLoop",
+    "TrainingOutOfMemoryError",
+    "out_of_memory_message",
 ]
 
 
@@ -114,19 +120,39 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # One state per visible device, by index, and which one this process trains on.
+        state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        state["cuda_device"] = torch.cuda.current_device()
     return state
 
 
+def _restore_cuda_rng(states: Sequence[Tensor], saved_device: int) -> None:
+    """Put per-device CUDA RNG states back on the devices that exist now, however many were saved.
+
+    The current device gets the state of the device the checkpoint was trained on (``saved_device``),
+    so a run saved with N GPUs visible continues its random stream with M; every other existing device
+    gets the saved state of its own index; states of devices that are gone are ignored.
+    """
+    if not states or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    current = torch.cuda.current_device()
+    torch.cuda.set_rng_state(states[saved_device if saved_device < len(states) else 0], current)
+    for i in range(min(count, len(states))):
+        if i != current:
+            torch.cuda.set_rng_state(states[i], i)
+
+
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore :func:`capture_rng`'s states; CUDA states as far as the devices of this process allow
+    (a checkpoint made with another number of visible GPUs resumes too)."""
     py = list(state["python"])
     gauss = py.pop() if state.get("python_has_gauss") else None
     random.setstate((3, tuple(int(v) for v in py), gauss))
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _restore_cuda_rng(list(state.get("cuda") or ()), int(state.get("cuda_device", 0)))
 
 
 class CheckpointManager:
@@ -223,6 +249,30 @@ class _EpochIndexed(Dataset):
         return self.dataset.get(i, np.random.default_rng([self.seed, epoch, i]))
 
 
+class RankBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices from ``sampler``'s stream, of which rank ``rank`` of
+    ``num_ranks`` takes the positions ``rank, rank + num_ranks, ...``.
+
+    The ranks' shares of one batch are together the batch one process draws (one rank takes it
+    whole), so N data-parallel ranks see the single-process stream: with ``batch_size`` a multiple of
+    N, rank r takes every N-th index of it. An incomplete last batch is dropped.
+    """
+
+    def __init__(self, sampler: Sampler[int], *, batch_size: int, rank: int = 0, num_ranks: int = 1) -> None:
+        if not 0 <= rank < num_ranks or batch_size < num_ranks:
+            raise ValueError(f"RankBatches: rank {rank} of {num_ranks} ranks with batch size {batch_size}: expected "
+                             "0 <= rank < num_ranks <= batch_size")
+        self.sampler, self.batch_size, self.rank, self.num_ranks = sampler, batch_size, rank, num_ranks
+
+    def __iter__(self) -> Iterator[list[int]]:
+        stream = iter(self.sampler)
+        while len(batch := list(itertools.islice(stream, self.batch_size))) == self.batch_size:
+            yield batch[self.rank :: self.num_ranks]
+
+    def __len__(self) -> int:  # pragma: no cover - endless, as ResumableSampler
+        return 2**62 // self.batch_size
+
+
 def make_loader(
     dataset: Any,
     *,
@@ -231,16 +281,21 @@ def make_loader(
     start_step: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    num_ranks: int = 1,
 ) -> Iterator[Any]:
     """Endless training batches that continue exactly where ``start_step`` left off.
 
     ``dataset`` provides ``__len__`` and ``get(i, rng)`` (augment item ``i`` with ``rng``), so the
     augmentation of a sample depends on ``(seed, epoch, i)`` only, not on worker count or resume point.
+    ``batch_size`` is the global batch: with ``num_ranks`` > 1 this is rank ``rank``'s share of each
+    (:class:`RankBatches`), and ``start_step`` counts global batches, so ranks resume where one process
+    (or any other number of ranks) stopped.
     """
     sampler = ResumableSampler(len(dataset), seed=seed, start_index=start_step * batch_size)
-    loader = DataLoader(_EpochIndexed(dataset, seed), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
-                        persistent_workers=num_workers > 0)
+    batches = RankBatches(sampler, batch_size=batch_size, rank=rank, num_ranks=num_ranks)
+    loader = DataLoader(_EpochIndexed(dataset, seed), batch_sampler=batches, num_workers=num_workers,
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0)
     return iter(loader)
 
 
@@ -311,9 +366,10 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
 
 
 def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler | None:
-    """A loss scaler where mixed precision runs in float16 (CUDA without bfloat16), else ``None``:
-    :func:`~wsss_tune.utils.autocast` picks bfloat16 where supported, which needs no scaling."""
-    if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """A loss scaler where mixed precision runs in float16, else ``None``: the autocast dtype is
+    :func:`~wsss_tune.utils.runtime.amp_dtype`'s (bfloat16 on cards that run it natively, which needs
+    no scaling; float16 on older cards)."""
+    if runtime.needs_grad_scaler(device, amp):
         return torch.amp.GradScaler(device.type)
     return None
 
@@ -417,6 +473,37 @@ def restore_training(state: Mapping[str, Any], *, model: nn.Module, optimizer: t
     return {k: float(v) for k, v in state["last_logged"].items()}
 
 
+class TrainingOutOfMemoryError(torch.OutOfMemoryError):
+    """A training step ran out of GPU memory; the message (:func:`out_of_memory_message`) names the
+    stage, step, batch and crop and what to change."""
+
+
+#: Characters of torch's own out-of-memory message kept in :func:`out_of_memory_message`.
+OOM_DETAIL_CHARS = 300
+
+
+def out_of_memory_message(stage: str, *, step: int, batch_size: int, crop: str, micro_batches: int = 1,
+                          detail: str = "") -> str:
+    """What to tell the user when step ``step`` of ``stage`` ran out of memory (``crop``: ``HxW``;
+    ``detail``: torch's own message, whose first line is kept)."""
+    accumulated = f" x {micro_batches} accumulated micro-batches" if micro_batches > 1 else ""
+    torch_says = detail.strip().split("\n")[0][:OOM_DETAIL_CHARS]
+    return (f"{stage}: out of GPU memory at step {step}, batch {batch_size}{accumulated} of {crop} crops"
+            f"{f' ({torch_says})' if torch_says else ''}; the trial stops. Fixes: lower {stage}.batch_size or "
+            f"{stage}.crop_size, set {stage}.amp=true (16-bit activations), or run fewer trials per GPU (a larger "
+            "--gpus-per-trial share); `wsss-tune preflight CONFIG --gpus-per-trial F` estimates what fits")
+
+
+def _input_size(batches: Sequence[Any]) -> str:
+    """``HxW`` of the first image-like (4-D) tensor of a step's batches, or ``unknown-size``."""
+    for batch in batches:
+        values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, list | tuple) else [batch]
+        for v in values:
+            if isinstance(v, Tensor) and v.dim() == 4:
+                return f"{v.shape[-2]}x{v.shape[-1]}"
+    return "unknown-size"
+
+
 class Window(Protocol):
     """What :class:`TrainingLoop` needs of a log window (:class:`LogWindow` or a stage's own)."""
 
@@ -443,6 +530,9 @@ class TrainStep:
             finite before the update, ``step`` names the 1-based step in the error), backward and one
             optimiser update. ``values`` are keyword arguments for the log window's ``add``.
         micro_batches: loader batches one step consumes (gradient accumulation).
+        summed: ``values`` that are counts over the batch: with data-parallel ranks they are added
+            over the ranks, the others (means, scaled by :func:`~wsss_tune.stages.distributed.mean_shares`)
+            averaged (:func:`~wsss_tune.stages.distributed.reduce_values`).
     """
 
     model: nn.Module
@@ -450,6 +540,7 @@ class TrainStep:
     scaler: torch.amp.GradScaler | None
     run: Callable[[Sequence[Any], int], dict[str, Any]]
     micro_batches: int = 1
+    summed: tuple[str, ...] = ()
 
     def __call__(self, batches: Sequence[Any], step: int) -> dict[str, Any]:
         return self.run(batches, step)
@@ -525,21 +616,46 @@ class TrainingLoop:
         Args:
             step: the stage's step; it must train this loop's model, optimiser and scaler.
             dataset: training items for :func:`make_loader` (``__len__`` and ``get(i, rng)``).
-            batch_size, seed, num_workers, pin_memory: passed to :func:`make_loader`.
+            batch_size, seed, num_workers, pin_memory: passed to :func:`make_loader`; ``batch_size`` is
+                the global batch, of which each data-parallel rank loads its share.
             lr, poly_power: base LR and power of the poly schedule, set before each step
                 (``poly_lr(lr, step - 1, total, poly_power)`` times each group's ``lr_mult``).
+
+        Under ``torch.distributed`` (:mod:`~wsss_tune.stages.distributed`) every rank runs this with its
+        share of each batch; each step's values are those of the global batch, and only rank 0 logs,
+        evaluates, checkpoints and reports (:meth:`after_step`).
         """
         if step.model is not self.model or step.optimizer is not self.optimizer or step.scaler is not self.scaler:
             raise ValueError(f"{self.stage}: the step trains other objects than the loop checkpoints")
         # The loader is created before the RNG is restored: creating it draws from the global RNG, as it
         # did at step 0 of the uninterrupted run. It counts loader batches, `micro_batches` per step.
+        ranks = distributed.world_size()
         loader = make_loader(dataset, batch_size=batch_size, seed=seed, start_step=self.start * step.micro_batches,
-                             num_workers=num_workers, pin_memory=pin_memory)
+                             num_workers=num_workers, pin_memory=pin_memory, rank=distributed.rank(), num_ranks=ranks)
         self.restore()
         self.model.train()
         for i in range(self.start + 1, self.total + 1):
             batches = [next(loader) for _ in range(step.micro_batches)]
             current_lr = set_poly_lr(self.optimizer, lr, i - 1, self.total, poly_power)
-            self.window.add(**step(batches, i))
+            if ranks > 1:
+                distributed.reseed(seed, i)
+            values = self._step(step, batches, i, batch_size)
+            if ranks > 1:
+                values = distributed.reduce_values(values, summed=step.summed)
+                if not distributed.is_main():
+                    continue
+            self.window.add(**values)
             self.after_step(i, current_lr)
         return self.last_logged
+
+    def _step(self, step: TrainStep, batches: Sequence[Any], i: int, batch_size: int) -> dict[str, Any]:
+        """Run step ``i``: cuDNN autotuning on (training crops have one size); out of memory, the trial
+        fails at once with :class:`TrainingOutOfMemoryError` (no retry: a smaller setting is needed)."""
+        device = next(self.model.parameters()).device
+        try:
+            with runtime.fixed_size_inputs(device):
+                return step(batches, i)
+        except torch.OutOfMemoryError as exc:
+            raise TrainingOutOfMemoryError(out_of_memory_message(
+                self.stage, step=i, batch_size=batch_size, crop=_input_size(batches),
+                micro_batches=step.micro_batches, detail=str(exc))) from exc

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,10 @@ from wsss_tune.data import SegmentationDataset, TrainTransform, VOCLayout, norma
 from wsss_tune.models.deeplab import build_deeplab, deeplab_param_groups
 from wsss_tune.ops.crf import dense_crf
 from wsss_tune.ops.labelmap import score_argmax
-from wsss_tune.ops.metric import ConfusionMatrix
-from wsss_tune.ops.seg_loss import msc_loss
+from wsss_tune.ops.metric import IGNORE_INDEX, ConfusionMatrix
+from wsss_tune.ops.seg_loss import msc_loss, resize_labels, seg_cross_entropy
 from wsss_tune.reporting import Reporter, check_finite
-from wsss_tune.stages import graph
+from wsss_tune.stages import distributed, graph
 from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
@@ -330,7 +331,22 @@ def eval_subset_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.device) -> TrainStep:
+def _seg_loss(outputs: Tensor | Sequence[Tensor], target: Tensor, *, balanced: bool) -> Tensor:
+    """:func:`~wsss_tune.ops.seg_loss.msc_loss`; on data-parallel ranks each output's mean over this
+    rank's valid pixels scaled to its share of the mean over the global batch's
+    (:func:`~wsss_tune.stages.distributed.mean_shares`). With ``balanced`` the class weights stay
+    per rank (they come from the batch's class counts), so that loss differs from one process."""
+    if distributed.world_size() == 1:
+        return msc_loss(outputs, target, balanced=balanced)
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    shares = distributed.mean_shares([(resize_labels(target, (o.shape[-2], o.shape[-1])) != IGNORE_INDEX).sum()
+                                      for o in outputs])
+    assert shares is not None  # several ranks
+    return (torch.stack([seg_cross_entropy(o, target, balanced=balanced) for o in outputs]) * shares).sum()
+
+
+def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.device,
+                      forward: nn.Module | None = None) -> TrainStep:
     """One DeepLab training step on ``model`` (already on ``device``), with :func:`build_deeplab_optimizer`.
 
     A step is ``accumulate`` micro-batches (each loss divided by ``accumulate``, as deeplab-pytorch's
@@ -340,9 +356,14 @@ def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.devic
 
     Batches: ``accumulate`` of ``{"image": (B, 3, s, s), "mask": long (B, s, s)}``
     (:class:`~wsss_tune.data.SegmentationDataset`).
+
+    ``forward``: the module the step calls, ``model``'s DistributedDataParallel wrapper on data-parallel
+    ranks (default ``model``); there the loss is the global batch's mean (:func:`_seg_loss`). Each
+    micro-batch's backward then averages the gradients over the ranks (no ``no_sync`` skipping).
     """
     optimizer = build_deeplab_optimizer(model, d)
     scaler = make_grad_scaler(device, d.amp)
+    forward = model if forward is None else forward
 
     def run(batches: Sequence[Mapping[str, Tensor]], step: int) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
@@ -351,8 +372,8 @@ def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.devic
             image = to_device(batch["image"], device, d.channels_last)
             target = batch["mask"].to(device, non_blocking=True)
             with autocast(device, d.amp):
-                outputs = model(image)
-            loss = msc_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
+                outputs = forward(image)
+            loss = _seg_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
             loss_value = loss.item()
             check_finite("deeplab/loss", loss_value * d.accumulate, step=step)
             backward(loss, scaler)
@@ -382,6 +403,8 @@ def train_deeplab(
     configured, no CRF). Checkpoints (model, optimizer, step, RNG, grad scaler, log window) go to
     ``out_dir/checkpoints`` every ``checkpoint_every`` steps and at the end; a restart resumes from the
     newest and ends with the weights of an uninterrupted run. A finished folder is returned as is.
+    With ``run.ddp_ranks`` several processes train together, taking the same steps
+    (:mod:`~wsss_tune.stages.distributed`).
 
     Raises:
         DivergedError: a loss became NaN/inf (checked every micro-batch, before the update).
@@ -402,11 +425,26 @@ def train_deeplab(
 
     transform = TrainTransform(crop_size=d.crop_size, scales=d.scales, hflip=TRAIN_HFLIP)
     dataset = SegmentationDataset(layout, train_ids, transform=transform, mask_dir=mask_dir)
+    ranks = distributed.resolve_ranks(cfg.run.ddp_ranks, device)
+    if ranks > 1 and d.balanced_ce:
+        warnings.warn(f"deeplab.balanced_ce with run.ddp_ranks = {ranks}: each rank weighs the classes by its own "
+                      "share of the batch, so the loss differs from one process's", stacklevel=2)
+    distributed.launch(_fit_deeplab, cfg, dataset, out_dir, reporter=reporter, device=device, ranks=ranks,
+                       batch_sizes={"deeplab.batch_size": d.batch_size})
+    return model_path
+
+
+def _fit_deeplab(cfg: PipelineConfig, dataset: SegmentationDataset, out_dir: Path, *, reporter: Reporter,
+                 device: torch.device) -> None:
+    """:func:`train_deeplab`'s training in this process: the whole run, or one rank's part of it (with
+    ``run.ddp_ranks``, see :mod:`~wsss_tune.stages.distributed`); rank 0 writes the results."""
+    d = cfg.deeplab
+    layout = VOCLayout.from_config(cfg.data)
     eval_ids = eval_subset_ids(layout, cfg) if d.eval_every > 0 else []
 
     seed_everything(cfg.run.seed)
     model = prepare_model(_build_model(d, layout.num_classes, pretrained=d.pretrained), device, d.channels_last)
-    step = make_deeplab_step(d, model, device=device)
+    step = make_deeplab_step(d, model, device=device, forward=distributed.wrap(model, device))
 
     def evaluate() -> float:
         per_image = evaluate_model(model, layout, eval_ids, test_scales=d.test_scales, test_flip=d.test_flip,
@@ -424,10 +462,9 @@ def train_deeplab(
         evaluate=evaluate if eval_ids else None, eval_every=d.eval_every)
     last_logged = loop.run(step, dataset, batch_size=d.batch_size, seed=cfg.run.seed, lr=d.lr, poly_power=d.poly_power,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-
-    save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **last_logged})
-    return model_path
+    if distributed.is_main():
+        save_state_dict(out_dir / MODEL_FILE, model)
+        atomic_write_json(out_dir / SUMMARY_FILE, {"iterations": d.iterations, **last_logged})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from wsss_tune.config import EPSConfig, PipelineConfig, to_dict
 from wsss_tune.data import (
@@ -43,7 +43,7 @@ from wsss_tune.ops.cam import cam_to_mask, multiscale_cam
 from wsss_tune.ops.eps_loss import classification_loss, eps_loss
 from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.reporting import Reporter, check_finite
-from wsss_tune.stages import graph
+from wsss_tune.stages import distributed, graph
 from wsss_tune.stages.common import (
     CheckpointManager,
     LogWindow,
@@ -248,7 +248,7 @@ class _LogWindow(LogWindow):
         self.overlap_count = state["overlap_count"].clone()
 
 
-def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device) -> TrainStep:
+def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device, forward: nn.Module | None = None) -> TrainStep:
     """One EPS training step on ``model`` (already on ``device``), with the optimiser of ``e``.
 
     Optimiser groups follow the reference: backbone at ``lr``, the new head at ``lr * head_lr_mult``.
@@ -262,8 +262,13 @@ def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device) -> Train
 
     Batches: ``{"image": (B, 3, s, s), "label": (B, C), "saliency": (B, 1, s, s)}`` (no saliency for
     ``cam``), as :class:`~wsss_tune.data.ClassificationDataset` makes them.
+
+    ``forward``: the module the step calls, ``model``'s DistributedDataParallel wrapper on data-parallel
+    ranks (default ``model``). There each rank's losses, means over its images, are scaled to its share
+    of the global batch's (:func:`~wsss_tune.stages.distributed.mean_shares`).
     """
     _check_config(e)
+    forward = model if forward is None else forward
     optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
                                 lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
     scaler = make_grad_scaler(device, e.amp)
@@ -274,7 +279,7 @@ def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device) -> Train
         image = to_device(batch["image"], device, e.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, e.amp):
-            image_logits, maps = model(image)
+            image_logits, maps = forward(image)
         sal = overlap = None
         if use_saliency:
             saliency = batch["saliency"].to(device, non_blocking=True)
@@ -282,6 +287,9 @@ def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device) -> Train
             loss, cls, sal, overlap = out.loss, out.cls, out.sal, out.overlap
         else:
             loss = cls = classification_loss(image_logits.float(), labels)
+        share = distributed.mean_shares([image.shape[0]])  # both losses are means over the images
+        if share is not None:
+            loss, cls, sal = loss * share[0], cls * share[0], None if sal is None else sal * share[0]
         loss_value = loss.item()
         check_finite("eps/loss", loss_value, step=step)
         optimizer.zero_grad(set_to_none=True)
@@ -312,7 +320,8 @@ def train_eps(
     ``eval_every`` steps ``eps_miou_tune`` on :func:`eval_subset_ids`. Checkpoints (model, optimizer,
     step, RNG, grad scaler, log window) go to ``out_dir/checkpoints`` every ``checkpoint_every`` steps and
     at the end; a restart resumes from the newest one and ends with the same weights as an
-    uninterrupted run. A finished folder is returned as is.
+    uninterrupted run. A finished folder is returned as is. With ``run.ddp_ranks`` several processes
+    train together, taking the same steps (:mod:`~wsss_tune.stages.distributed`).
 
     Raises:
         DivergedError: a loss became NaN/inf (checked every step, before the update).
@@ -327,7 +336,16 @@ def train_eps(
     model_path = out_dir / MODEL_FILE
     if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
         return model_path
+    distributed.launch(_fit_eps, cfg, out_dir, reporter=reporter, device=device,
+                       ranks=distributed.resolve_ranks(cfg.run.ddp_ranks, device),
+                       batch_sizes={"eps.batch_size": e.batch_size})
+    return model_path
 
+
+def _fit_eps(cfg: PipelineConfig, out_dir: Path, *, reporter: Reporter, device: torch.device) -> None:
+    """:func:`train_eps`'s training in this process: the whole run, or one rank's part of it (with
+    ``run.ddp_ranks``, see :mod:`~wsss_tune.stages.distributed`); rank 0 writes the results."""
+    e = cfg.eps
     layout = VOCLayout.from_config(cfg.data)
     transform = TrainTransform(resize_long=e.resize_long, hflip=TRAIN_HFLIP, jitter=e.jitter, crop_size=e.crop_size)
     dataset = ClassificationDataset(layout, layout.split_ids(cfg.data.train_split), transform=transform,
@@ -340,7 +358,7 @@ def train_eps(
     seed_everything(cfg.run.seed)
     model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained=e.pretrained)
     model = prepare_model(model, device, e.channels_last)
-    step = make_eps_step(e, model, device=device)
+    step = make_eps_step(e, model, device=device, forward=distributed.wrap(model, device))
     loop = TrainingLoop(
         "eps", total=e.iterations, total_field="eps.iterations",
         ckpts=CheckpointManager(out_dir / _CHECKPOINT_DIR, keep=cfg.run.keep_checkpoints), reporter=reporter,
@@ -350,10 +368,9 @@ def train_eps(
         eval_every=e.eval_every)
     last_logged = loop.run(step, dataset, batch_size=e.batch_size, seed=cfg.run.seed, lr=e.lr, poly_power=e.poly_power,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-
-    save_state_dict(model_path, model)
-    atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **last_logged})
-    return model_path
+    if distributed.is_main():
+        save_state_dict(out_dir / MODEL_FILE, model)
+        atomic_write_json(out_dir / SUMMARY_FILE, {"method": e.method, "iterations": e.iterations, **last_logged})
 
 
 # --------------------------------------------------------------------------------------------------

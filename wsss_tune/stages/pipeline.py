@@ -26,12 +26,14 @@ from wsss_tune.reporting import ConsoleReporter, NullReporter, Reporter
 from wsss_tune.stages import graph
 from wsss_tune.utils.io import atomic_write_json
 
-__all__ = ["STAGES", "FINGERPRINT_KEY", "parse_stages", "run_pipeline", "PipelineRun", "stage_key_parts"]
+__all__ = ["STAGES", "FINGERPRINT_KEY", "ARTIFACT_KEY", "ARTIFACT_DIR_KEY", "parse_stages", "run_pipeline", "PipelineRun", "stage_key_parts"]
 
 #: User-facing stage names of the built-in graph, in order. ``affinity`` includes the random walk.
 STAGES = graph.stage_names()
 #: The run's metric holding its data fingerprint (split ids, labels, file sizes: what keys the cache).
 FINGERPRINT_KEY = "fingerprint"
+#: A stage-end report's artifact (its name in the run's records) and the artifact's folder.
+ARTIFACT_KEY, ARTIFACT_DIR_KEY = "artifact", "artifact_dir"
 
 
 def parse_stages(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -124,9 +126,12 @@ class PipelineRun:
             return Path(art.path)
         self.metrics.update(stage_metrics)
         self._offset = max(self._offset, start + max(rep.last_step, 1))
-        if art.hit and stage_metrics:
-            # Reuse: the scheduler still sees this stage's numbers once.
-            self.reporter.report({**stage_metrics, "stage": report_as, "cache_hit": True, "fidelity": self._offset},
+        if stage_metrics:
+            # The artifact's scores once more at its end, without a stage step (a scheduler files
+            # nothing at a rung for it), with its folder: for a cache hit the scheduler's only sight
+            # of them, for a build the stage-end record (loggers show its masks from the folder).
+            self.reporter.report({**stage_metrics, "stage": report_as, "cache_hit": bool(art.hit),
+                                  "fidelity": self._offset, ARTIFACT_KEY: label, ARTIFACT_DIR_KEY: str(art.path)},
                                  step=self._offset)
         return Path(art.path)
 
@@ -135,17 +140,12 @@ class PipelineRun:
         """Get or build the artifacts ``names`` (graph order; what they read must be among them) for
         ``cfg`` (default: the run's); ``labels`` renames them in the run's records (the CAM baseline)."""
         cfg = cfg or self.cfg
-        parts = graph.key_parts(cfg, self._fingerprint)
-        keys: dict[str, Any] = {}
+        keys = self.artifact_keys(names, cfg=cfg)
         paths: dict[str, Path] = {}
         for name in names:
             spec = graph.spec(name)
-            reads = spec.reads(cfg)
-            missing = [r for r in reads if r not in keys]
-            if missing:
-                raise ValueError(f"artifact {name!r} reads {missing}, which this run does not build")
-            key = self.store.key(name, *(str(keys[r]) for r in reads), *parts[name])
-            inputs = {r: paths[r] for r in reads}
+            key = keys[name]
+            inputs = {r: paths[r] for r in spec.reads(cfg)}
 
             def make(tmp: Path, rep: Reporter, spec: graph.ArtifactSpec = spec, key: Any = key,
                      inputs: dict[str, Path] = inputs) -> Mapping[str, Any] | None:
@@ -158,6 +158,20 @@ class PipelineRun:
             paths[name] = self._artifact(label, key, make, quiet=quiet, report_as=spec.report_as or label)
             keys[name] = key
         return paths if cfg is not self.cfg else self._remember(keys, paths)
+
+    def artifact_keys(self, names: Sequence[str], *, cfg: PipelineConfig | None = None) -> dict[str, Any]:
+        """The store keys of the artifacts ``names`` (graph order; what they read must be among them)
+        for ``cfg`` (default: the run's): each hashes its own key parts and the keys of what it reads."""
+        cfg = cfg or self.cfg
+        parts = graph.key_parts(cfg, self._fingerprint)
+        keys: dict[str, Any] = {}
+        for name in names:
+            reads = graph.spec(name).reads(cfg)
+            missing = [r for r in reads if r not in keys]
+            if missing:
+                raise ValueError(f"artifact {name!r} reads {missing}, which this run does not build")
+            keys[name] = self.store.key(name, *(str(keys[r]) for r in reads), *parts[name])
+        return keys
 
     def _remember(self, keys: dict[str, Any], paths: dict[str, Path]) -> dict[str, Path]:
         self.keys.update(keys)
