@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ from wsss_tune.spaces import SearchSpace, SpaceError
 
 from .reporter import FINAL_KEY
 
-__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "REFERENCE_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA", "attempts_of",
+__all__ = ["RAY_TRIAL_ATTR", "ATTEMPTS_ATTR", "REFERENCE_ATTR", "STUDY_FILE", "Continue", "ResumePlan", "FidelitySearch", "FullBudgetASHA", "attempts_of", "stage_metric_names",
            "optuna_distributions", "resume_plan", "study_storage"]
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,11 @@ class FidelitySearch(OptunaSearch):
 
     def _setup_study(self, mode: Any) -> None:
         super()._setup_study(mode)
+        if isinstance(self._metric, str) and self._ot_study.metric_names != [self._metric]:
+            # optuna-dashboard and trials_dataframe() name the value after the searched metric
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self._metric])
         if self._step_budget is not None:
             assert self._full_steps is not None
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
@@ -338,11 +344,34 @@ class FidelitySearch(OptunaSearch):
             if result:
                 self._report_intermediate(trial_id, result)
             state, values = TrialState.PRUNED, None
+        _record_stage_metrics(ot_trial, result)
         try:
             self._ot_study.tell(ot_trial, values, state=state)
         except (RuntimeError, ValueError) as exc:  # e.g. told already by a driver that was then killed
             log.warning("optuna trial of %s: outcome not recorded (%s)", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+
+def stage_metric_names() -> tuple[str, ...]:
+    """Every stage's mask-quality metrics (``<prefix>_miou``, ``_tune``, ``_heldout``, from the stage
+    graph), the ones each Optuna trial records as user attributes."""
+    from wsss_tune.stages import graph
+
+    return tuple(f"{prefix}_miou{half}" for _, prefix in graph.metric_columns() for half in ("", "_tune", "_heldout"))
+
+
+def _record_stage_metrics(ot_trial: optuna.trial.Trial, result: Mapping[str, Any] | None) -> None:
+    """The stage metrics a trial's last result holds, as user attributes (a pruned trial's are the
+    values when it stopped): the study alone shows how each stage did."""
+    if not result:
+        return
+    for name in stage_metric_names():
+        value = result.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            try:
+                ot_trial.set_user_attr(name, float(value))
+            except (RuntimeError, ValueError) as exc:  # the trial finished before a resume
+                log.warning("optuna trial %s: %s not recorded (%s)", ot_trial.number, name, exc)
 
 
 class FullBudgetASHA(ASHAScheduler):
@@ -359,6 +388,13 @@ class FullBudgetASHA(ASHAScheduler):
         super().__init__(time_attr=time_attr, max_t=max_t, stop_last_trials=False, **kwargs)
         self._full_budget_attr, self._full_budget = time_attr, max_t
         self._protected = protected
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        """Keep the metric it was built with: the tuner's metric is the completed value
+        (``trainables.callbacks.OBJECTIVE_KEY``), which intermediate results do not carry."""
+        if self._metric and self._mode:
+            return True
+        return super().set_search_properties(metric, mode, **spec)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)

@@ -9,13 +9,20 @@ trials could never start on the cluster.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from .cluster import record_ray_session
 
-__all__ = ["ray_session", "tune_env", "check_resources"]
+__all__ = ["AUTH_MODE_ENV", "ray_session", "tune_env", "check_resources"]
+
+#: Ray's authentication mode variable (``token`` or ``disabled``).
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+#: Ray's logger and the start of its notice when it turns token authentication on by default.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
 @contextlib.contextmanager
@@ -30,13 +37,41 @@ def ray_session(address: str | None, *, log_to_driver: bool, exp_dir: Path | Non
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
+    with _quiet_default_auth_notice(address):
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
     if exp_dir is not None:
         record_ray_session(exp_dir)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+class _DropDefaultAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_AUTH_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet_default_auth_notice(address: str | None) -> Iterator[None]:
+    """Start of a local Ray instance without Ray's notice that token authentication is on.
+
+    Ray 2.60 turns token authentication on for every local instance it starts (a token in
+    ``~/.ray/auth_token``, made on first use) and says so on every start. For an instance a sweep
+    starts on this machine that is the expected, safe default, so the notice is dropped; setting
+    ``RAY_AUTH_MODE`` (``token`` or ``disabled``) is the user's explicit choice and Ray says nothing
+    then either. Joining a cluster (``address``) keeps every message of Ray's.
+    """
+    if address is not None or AUTH_MODE_ENV in os.environ:
+        yield
+        return
+    target = logging.getLogger(_AUTH_LOGGER)
+    drop = _DropDefaultAuthNotice()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -39,18 +39,23 @@ def callbacks(plan: SweepPlan, *, progress: str) -> list[Any]:
     out: list[Any] = []
     w = plan.record.wandb
     if w.mode != "off":
-        from ray.air.integrations.wandb import WandbLoggerCallback
+        from .wandb_logging import wandb_callback
 
         plan.exp_dir.mkdir(parents=True, exist_ok=True)
-        out.append(WandbLoggerCallback(project=w.project, group=plan.name, log_config=True,
-                                       upload_timeout=WANDB_UPLOAD_TIMEOUT_S, mode=w.mode,
-                                       dir=str(plan.exp_dir)))
+        out.append(wandb_callback(plan, upload_timeout=WANDB_UPLOAD_TIMEOUT_S))
     if progress == "rich":
         from .progress import TrialTable
 
         out.append(TrialTable(metric=plan.space.metric, mode=plan.space.mode,
-                              params=[p.path for p in plan.space.params], title=plan.name))
+                              params=[p.path for p in plan.space.params], title=plan.name,
+                              total=plan.num_samples))
     return out
+
+
+def _stderr_line(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False)
 
 
 def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None,
@@ -58,6 +63,8 @@ def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int,
                 points: Sequence[Mapping[str, Any]] | None = None, step_budget: int | None = None) -> Any:
     """The ``Tuner`` of ``plan``: Optuna TPE (seeded) on the study in the experiment folder, ASHA when
     the space has a fidelity, ``plan.num_samples`` trials; ``resume`` continues a search from its study.
+    With ``plan.prebuild`` the artifacts every trial of the search shares are built first, in one Ray
+    task with one trial's resources (:func:`~trainables.prebuild.prebuild_shared`).
 
     Args:
         study_name: The study of this search in the experiment's storage (default: the experiment's
@@ -94,15 +101,27 @@ def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int,
         scheduler = FullBudgetASHA(time_attr=f.time_attr, metric=space.metric, mode=space.mode, max_t=f.max_t,
                                    grace_period=f.grace_period, reduction_factor=f.reduction_factor,
                                    protected=searcher.protected)
+    from .callbacks import OBJECTIVE_KEY, CompleteCSVLogger, TrialOutcome
+
+    if plan.prebuild:
+        from .prebuild import prebuild_shared
+
+        prebuild_shared(plan, log=_stderr_line if progress != "off" else None)
     return Tuner(
         with_resources(plan.trainable, plan.record.resources),
-        param_space={SETTINGS_KEY: plan.settings.to_dict()},
-        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+        param_space={SETTINGS_KEY: plan.settings.to_trial_config(plan.exp_dir)},
+        # The tuner's metric is the completed value (only finished trials carry it), so Ray's own
+        # ResultGrid.get_best_result() picks the best completed trial; searcher and scheduler keep
+        # the searched metric, which they also read mid-run.
+        tune_config=TuneConfig(metric=OBJECTIVE_KEY, mode=space.mode,
+                               search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                                max_concurrent_trials=max_concurrent, reuse_actors=True,
                                trial_dirname_creator=trial_dirname),
         run_config=RunConfig(name=plan.exp_dir.name, storage_path=str(plan.exp_dir.parent),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
-                             callbacks=callbacks(plan, progress=progress),
+                             # outcome marks first: the other callbacks see them
+                             callbacks=[TrialOutcome(metric=space.metric), CompleteCSVLogger(),
+                                        *callbacks(plan, progress=progress)],
                              verbose=1 if progress == "ray" else 0),
     )
