@@ -265,7 +265,7 @@ def test_ranks_resolve_from_the_config_field(monkeypatch):
         distributed.resolve_ranks(2, torch.device("mps"))
     with pytest.raises(ConfigError, match=r"run\.ddp_ranks: expected a value >= 0, got -1"):
         load_config("synth", {"run.ddp_ranks": -1})
-    assert PipelineConfig().run.ddp_ranks == 1
+    assert PipelineConfig().run.ddp_ranks == 0  # every visible GPU; one process without CUDA
 
 
 def test_a_batch_smaller_than_the_ranks_is_refused_before_any_process_starts(synth_root, tmp_path):

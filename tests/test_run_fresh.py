@@ -63,6 +63,8 @@ def test_run_says_cache_or_trained_and_fresh_retrains_to_the_same_number(tmp_pat
     assert f"artifact store: {store}" in first
     assert "trained in" in _stage_line(first, "eps_model") and "computed in" in _stage_line(first, "eps")
     assert "served from the cache" not in first
+    # the printout has the halves a sweep optimises and reports, not only the whole split
+    assert all(f'"eps_miou{half}"' in first for half in ("", "_tune", "_heldout"))
 
     again, m2 = _run(str(config), "--stages", "eps", "--out", str(tmp_path / "run2"))
     assert all("served from the cache" in _stage_line(again, s) for s in ("eps_model", "eps"))

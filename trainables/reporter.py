@@ -31,6 +31,7 @@ from typing import Any
 
 from wsss_tune.artifacts import ArtifactKey, ArtifactStore
 from wsss_tune.stages.common import CheckpointManager
+from wsss_tune.utils.io import atomic_copy
 
 __all__ = [
     "CACHE_REPAIRS_KEY",
@@ -156,14 +157,7 @@ def restore_work_checkpoint(checkpoint_dir: str | Path, store: ArtifactStore) ->
         return None
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target_dir)
-    os.close(fd)
-    try:
-        shutil.copy2(checkpoint_dir / name, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_copy(checkpoint_dir / name, target)
     return target
 
 

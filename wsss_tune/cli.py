@@ -448,7 +448,9 @@ def run(
                    "recomputed; add --fresh to retrain from scratch in an empty store")
     elif hits:
         typer.echo(f"{hits} of {len(infos)} stage artifacts were served from the cache, the others were built")
-    headline = {k: v for k, v in metrics.items() if k.endswith("_miou") or k.endswith("_method")}
+    # each stage's mIoU on its whole split and on the tune / held-out halves a sweep optimises / reports
+    headline = {k: v for k, v in metrics.items()
+                if k.endswith(("_miou", "_miou_tune", "_miou_heldout", "_method"))}
     typer.echo(json.dumps(headline, indent=2, default=str))
     typer.echo(f"run folder: {out_dir}")
 

@@ -388,13 +388,15 @@ class RunConfig(_Checked):
     artifact_store: str = ""
     #: Keep at most this many training checkpoints per stage run (at least 1: resuming needs one).
     keep_checkpoints: int = _valid(2, AT_LEAST_ONE)
-    #: Processes ("ranks") that train each stage together with DistributedDataParallel: 1 = one
-    #: process on one device (the default); N > 1 = N ranks, one CUDA device each (NCCL), or N CPU
-    #: processes with gloo (for tests: slower than one); 0 = one rank per visible CUDA device, which is
-    #: what a Ray trial given ``--gpus-per-trial N`` sees (1 without CUDA). A stage's batch size stays
+    #: Processes ("ranks") that train each stage together with DistributedDataParallel: 0 (the
+    #: default) = one rank per visible CUDA device, so a Ray trial given ``--gpus-per-trial N`` (Ray
+    #: shows it N devices) or a ``run`` on a machine with N GPUs trains on all N, and anything without
+    #: CUDA trains in one process; 1 = one process on one device; N > 1 = N ranks, one CUDA device each
+    #: (NCCL), or N CPU processes with gloo (for tests: slower than one). A stage's batch size stays
     #: the global batch, split over the ranks (at least one image each), and N ranks take the same steps
     #: as one process (``wsss_tune.stages.distributed``). Inference and scoring run on one device.
-    ddp_ranks: int = _valid(1, NON_NEGATIVE)
+    #: Keys no artifact.
+    ddp_ranks: int = _valid(0, NON_NEGATIVE)
     #: Also run the plain-CAM baseline (``eps.method: cam``, every other EPS setting the same) with the
     #: EPS stage and report its pseudo masks as ``cam_miou*``. Cached: its key ignores tau and lam, so
     #: a sweep trains it once. Costs one more EPS training; the stage table's CAM row comes from it.
