@@ -55,7 +55,7 @@ def callbacks(plan: SweepPlan, *, progress: str) -> list[Any]:
 def _stderr_line(text: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(text, highlight=False)
+    Console(stderr=True, soft_wrap=True).print(text, highlight=False)
 
 
 def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None,
