@@ -406,3 +406,22 @@ def test_a_failing_rank_raises_its_own_error_and_stops_the_others(tmp_path):
     assert isinstance(cause, distributed.RankError) and "rank 1 of 2 failed" in str(cause)
     assert "_rank_1_fails" in str(cause)  # the rank's own traceback
     assert rec.history in ([], [{"step": 1, "alive": 1.0}])
+
+
+class KeywordError(Exception):
+    """Pickles, but does not unpickle: ``__init__`` needs a keyword ``args`` does not hold."""
+
+    def __init__(self, *, what: str) -> None:
+        super().__init__(f"rank 1 lost {what}")
+
+
+def _rank_1_fails_oddly(*, reporter: Any, device: torch.device) -> None:
+    if distributed.rank() == 1:
+        raise KeywordError(what="its shard")
+    torch.distributed.barrier()
+
+
+def test_a_rank_error_that_does_not_unpickle_is_reported_by_its_traceback():
+    with pytest.raises(distributed.RankError, match="rank 1 of 2 failed") as info:
+        distributed.launch(_rank_1_fails_oddly, ranks=2, device=torch.device("cpu"), reporter=RecordingReporter())
+    assert "KeywordError: rank 1 lost its shard" in str(info.value)

@@ -176,8 +176,11 @@ def test_run_trial_reports_each_stage_then_a_final_result(synth_root: Path, tmp_
     rec = _Recorder()
     final = run_trial(config, trial_id="t0", report_fn=rec)
     results = [c["result"] for c in rec.calls]
-    training = [r for r in results if r.get("stage") == "eps_model"]
+    training = [r for r in results if r.get("stage") == "eps_model" and "artifact" not in r]
     assert [r["stage_step"] for r in training] == [2, 4]
+    # Each scored artifact ends with one stage-end report naming it (what W&B's stage-end panels read).
+    ends = [r["stage"] for r in results if "artifact" in r]
+    assert ends == ["eps_model", "eps"]
     assert all(c["meta"]["artifact"].startswith("eps_model/") for c in rec.calls[: len(training)])
     fidelity = [r["fidelity"] for r in results if "fidelity" in r]
     assert fidelity == sorted(fidelity)

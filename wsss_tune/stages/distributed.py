@@ -48,7 +48,6 @@ import contextlib
 import ctypes
 import datetime
 import os
-import pickle
 import signal
 import sys
 import tempfile
@@ -253,20 +252,25 @@ def _failure(failed: Sequence[tuple[int, int]], errors: Any, ranks: int) -> Base
     """The exception to raise when the ranks ``failed`` (rank, exit code) ended: a rank that left no
     exception (killed) caused the others' (their peer vanished); else the first exception any rank
     reported, re-raised with its traceback as the :class:`RankError` cause."""
-    reported = []  # in the order the ranks reported them
+    texts: dict[int, str] = {}  # in the order the ranks reported them
+    excs: dict[int, BaseException] = {}
     while not errors.empty():
-        reported.append(errors.get())
+        try:
+            who, exc, text = errors.get()
+        except Exception:  # noqa: BLE001 - an exception that does not unpickle is reported by its text
+            continue
+        if text is not None:
+            texts.setdefault(who, text)
+        elif isinstance(exc, BaseException):
+            excs.setdefault(who, exc)
     for failed_rank, code in failed:
-        if failed_rank not in {r for r, _, _ in reported}:
+        if failed_rank not in texts:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             return RankError(f"rank {failed_rank} of {ranks} {how} without an error of its own (out of memory?)")
-    first, blob, text = reported[0]
-    cause = RankError(f"rank {first} of {ranks} failed:\n{text}")
-    try:
-        exc = pickle.loads(blob) if blob is not None else None
-    except Exception:  # noqa: BLE001 - an exception that does not unpickle is reported by its text
-        exc = None
-    if not isinstance(exc, BaseException):
+    first = next(iter(texts))
+    cause = RankError(f"rank {first} of {ranks} failed:\n{texts[first]}")
+    exc = excs.get(first)
+    if exc is None:
         return cause
     exc.__cause__ = cause
     return exc
@@ -304,15 +308,6 @@ class _ParentReporter:
         self.conn.recv()
 
 
-def _pickled(exc: BaseException) -> bytes | None:
-    try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)
-    except Exception:  # noqa: BLE001 - sent as text only
-        return None
-    return blob
-
-
 def _rank_main(rank_: int, ranks: int, device_type: str, store: str, fn: Callable[..., Any], args: tuple[Any, ...],
                conn: Any, errors: Any) -> None:
     """One rank: join the group, run ``fn`` on this rank's device, report a failure to the launcher."""
@@ -330,7 +325,10 @@ def _rank_main(rank_: int, ranks: int, device_type: str, store: str, fn: Callabl
         fn(*args, reporter=_ParentReporter(conn) if conn is not None else NullReporter(), device=device)
         dist.destroy_process_group()
     except BaseException as exc:
-        errors.put((rank_, _pickled(exc), traceback.format_exc()))
+        # The text always arrives; the exception itself where it pickles (the launcher re-raises it).
+        errors.put((rank_, None, traceback.format_exc()))
+        with contextlib.suppress(Exception):
+            errors.put((rank_, exc, None))
         raise
 
 
