@@ -9,6 +9,15 @@ Two halves, kept apart so the arithmetic can be checked by hand:
   how many times each stage artifact is built in a sweep of ``trials`` trials (once when the cache
   shares it, once per trial otherwise), and by ASHA's expected share of the early-stopped stage's
   work, and turns the device-seconds into wall-clock time on ``gpus`` devices.
+* :func:`expected_cost` prices what a search space's choices change: the mean of :func:`estimate_cost`
+  over the combinations of its categorical parameters (a crop size, a DeepLab head, PPC cost more),
+  with each reference point (the base config's and the space's named ones) priced as one whole trial
+  at its own settings, as the scheduler never stops it.
+
+Without the device the sweep will run on, :func:`count_stages` gives the unit times from counted
+FLOPs (the models run on the ``meta`` device, shapes only) at an assumed sustained throughput, and
+``sizes`` (:data:`SIZE_PRESETS`: ``voc``) the image counts without the dataset: ``plan SPACE --sizes voc
+--tflops 100`` prices a VOC sweep on a machine that has neither.
 
 The same split for GPU memory: :func:`measure_memory_profile` counts, once per model, the bytes a
 training step saves for its backward pass per input pixel (the model run on the ``meta`` device: shapes
@@ -22,7 +31,10 @@ random walk) and ``deeplab`` (training and evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss_tune.config import PipelineConfig, apply_overrides
+from wsss_tune.config import PipelineConfig, apply_overrides, to_dict
 from wsss_tune.spaces import Fidelity, Param, SearchSpace
 from wsss_tune.stages import graph
 
@@ -46,8 +58,12 @@ __all__ = [
     "asha_rungs",
     "asha_fractions",
     "estimate_cost",
+    "expected_cost",
+    "SIZE_PRESETS",
+    "parse_sizes",
     "dataset_sizes",
     "time_stages",
+    "count_stages",
     "format_plan",
     "plan",
     "MemoryProfile",
@@ -159,6 +175,11 @@ class CostEstimate:
     #: ``trainables.prebuild``) leaves those devices free.
     waiting_device_hours: float = 0.0
     assumptions: tuple[str, ...] = field(default_factory=tuple)
+    #: Reference points priced as whole trials at their own settings (:func:`expected_cost`): (label,
+    #: device-hours of its trial beyond the shared artifacts); included in the totals.
+    references: tuple[tuple[str, float], ...] = ()
+    #: Combinations of the categorical parameters the rows are the mean over (1: the base config only).
+    combinations: int = 1
 
     def as_rows(self) -> list[dict[str, Any]]:
         """Plain rows (one per artifact) for tables and files."""
@@ -351,7 +372,9 @@ def estimate_cost(
 def _assumptions(space: SearchSpace, cfg: PipelineConfig, t: StageTimings, asha_artifact: str | None,
                  fidelity: Fidelity | None, cache: bool, gpus: int) -> tuple[str, ...]:
     out = [
-        f"unit times measured on {t.device}; device-hours are hours of that device",
+        (f"unit times from {t.device}: FLOPs of the models' convolutions and matrix products (no data loading, "
+         "element-wise work or optimiser); hours scale inversely with the throughput"
+         if "counted FLOPs" in t.device else f"unit times measured on {t.device}; device-hours are hours of that device"),
         "one trial per device; trials start as soon as a device is free",
         "an inference pass costs one forward at the crop size (real images differ in size)",
         "steps after the timed ones take as long (no data-loading stalls, no contention between trials)",
@@ -373,6 +396,126 @@ def _assumptions(space: SearchSpace, cfg: PipelineConfig, t: StageTimings, asha_
     if gpus > 1:
         out.append(f"{gpus} devices: wall clock = shared stages + the rest / min(devices, trials)")
     return tuple(out)
+
+
+#: Most combinations of categorical parameters :func:`expected_cost` averages over; past it, the base
+#: config's choices stand for all (and the assumptions say so).
+MAX_COMBINATIONS = 1024
+
+
+def _with(cfg: PipelineConfig, values: Mapping[str, Any]) -> PipelineConfig:
+    return apply_overrides(cfg, dict(values)) if values else cfg
+
+
+def expected_cost(
+    timer: Callable[[PipelineConfig], StageTimings],
+    space: SearchSpace,
+    cfg: PipelineConfig,
+    trials: int,
+    gpus: int,
+    cache: bool = True,
+    asha: bool | Fidelity = True,
+    *,
+    sizes: DatasetSizes,
+) -> CostEstimate:
+    """:func:`estimate_cost` of a sweep whose trials differ in cost: the expectation under uniform draws.
+
+    * Searched trials: the mean of :func:`estimate_cost` over every combination of the space's
+      categorical parameters (each applied to ``cfg`` and timed with ``timer``), for ``trials`` minus
+      the reference points. The cost is linear in each artifact's build time, so the mean is the
+      expected cost when each choice is equally likely (a TPE search concentrates its draws).
+    * Reference points (:meth:`~wsss_tune.spaces.SearchSpace.reference_points`, each distinct point
+      once): one trial each at its own settings, every artifact built in full (the scheduler never stops
+      it), counted as far as the searched trials would not build the same artifact anyway: with the
+      cache, an artifact whose upstream searched parameters take ``k`` values is new with probability
+      ``(1 - 1/k)^n`` after ``n`` searched trials (1 for a continuous one, 0 for a shared artifact),
+      and two reference points with the same upstream values build it once.
+
+    Wall clock: the shared artifacts first, then the rest over ``min(gpus, trials)`` devices, never less
+    than the longest single trial.
+    """
+    cats = [p for p in space.params if p.kind == "categorical"]
+    count = math.prod(len(p.choices) for p in cats) if cats else 1
+    combos: list[dict[str, Any]] = [{}]
+    if cats and count <= MAX_COMBINATIONS:
+        combos = [dict(zip((p.path for p in cats), values, strict=True))
+                  for values in itertools.product(*(p.choices for p in cats))]
+    points: dict[str, dict[str, Any]] = {}
+    for label, values in space.reference_points().items():
+        if values not in points.values():
+            points[label] = values
+    searched = max(1, trials - len(points))
+    parts = [estimate_cost(timer(c), space, c, searched, gpus, cache=cache, asha=asha, sizes=sizes)
+             for c in (_with(cfg, combo) for combo in combos)]
+    mean = _mean_estimate(parts)
+    keyed = {p.path: set(param_artifacts(p, cfg)) for p in space.params}
+    counted: set[tuple[str, str]] = set()
+    refs: list[tuple[str, float]] = []
+    longest = (mean.per_trial_hours - mean.shared_hours) * _HOUR
+    for label, values in points.items():
+        ref_cfg = _with(cfg, values)
+        one = estimate_cost(timer(ref_cfg), space, ref_cfg, 1, 1, cache=cache, asha=False, sizes=sizes)
+        chain = artifact_chain(ref_cfg, space.stages)
+        seconds = 0.0
+        for row in one.rows:
+            upstream = [p for p in space.params if keyed[p.path] & set(chain[row.artifact])]
+            k = math.prod(param_cardinality(p) for p in upstream) if upstream else 1.0
+            signature = (row.artifact, json.dumps({p.path: values[p.path] for p in upstream}, sort_keys=True,
+                                                  default=str))
+            if signature in counted:
+                continue
+            counted.add(signature)
+            new = 1.0 if not cache or math.isinf(k) else (1.0 - 1.0 / k) ** searched
+            seconds += row.seconds * new
+        refs.append((label, seconds / _HOUR))
+        longest = max(longest, sum(r.seconds for r in one.rows if not r.shared))
+    total = mean.device_hours * _HOUR + sum(h for _, h in refs) * _HOUR
+    lanes = min(gpus, searched + len(points))
+    shared_s = mean.shared_hours * _HOUR
+    wall = shared_s + max((total - shared_s) / lanes, longest)
+    extra = []
+    if len(combos) > 1:
+        extra.append(f"searched trials: the mean over the {len(combos)} combinations of "
+                     f"{', '.join(p.path for p in cats)} (each choice equally likely)")
+    elif cats:
+        extra.append(f"{count} combinations of the categorical parameters (over {MAX_COMBINATIONS}): priced at the "
+                     "base config's choices")
+    extra.append(f"{len(points)} reference point(s) ({', '.join(points)}): one trial each at its own settings, never "
+                 f"stopped early, besides the {searched} searched trial(s); an artifact a searched trial would "
+                 "build anyway is not counted twice")
+    return dataclasses.replace(mean, trials=searched + len(points), device_hours=total / _HOUR, wall_hours=wall / _HOUR,
+                               references=tuple(refs), combinations=len(combos),
+                               waiting_device_hours=shared_s * (lanes - 1) / _HOUR,
+                               assumptions=(*mean.assumptions, *extra))
+
+
+def _mean_estimate(parts: Sequence[CostEstimate]) -> CostEstimate:
+    """The mean of several estimates of one sweep: each artifact's row averaged (an artifact a
+    combination does not build counts 0 there)."""
+    n = len(parts)
+    names = list(dict.fromkeys(r.artifact for e in parts for r in e.rows))
+    rows = []
+    for name in names:
+        mine = [r for e in parts for r in e.rows if r.artifact == name]
+        device_s = sum(r.device_seconds for r in mine) / n
+        seconds = sum(r.seconds for r in mine) / n
+        builds = sum(r.builds for r in mine) / n
+        hours = sorted(r.seconds / _HOUR for r in mine)
+        detail = mine[0].detail if len({r.detail for r in mine}) == 1 else \
+            f"mean over the combinations: {hours[0]:.3g} to {hours[-1]:.3g} h per build"
+        if len(mine) < n:
+            detail += f" (built in {len(mine)} of {n} combinations)"
+        rows.append(ArtifactCost(artifact=name, seconds=seconds, builds=builds,
+                                 work_fraction=device_s / (seconds * builds) if seconds * builds > 0 else 1.0,
+                                 shared=all(r.shared for r in mine), device_seconds=device_s, detail=detail))
+    first = parts[0]
+
+    def avg(attr: str) -> float:
+        return sum(getattr(e, attr) for e in parts) / n
+
+    return dataclasses.replace(first, rows=tuple(rows), device_hours=avg("device_hours"), wall_hours=avg("wall_hours"),
+                               per_trial_hours=avg("per_trial_hours"), shared_hours=avg("shared_hours"),
+                               waiting_device_hours=avg("waiting_device_hours"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,7 +587,7 @@ def time_stages(
     from wsss_tune.ops.random_walk import random_walk
     from wsss_tune.stages.affinity import make_affinity_step
     from wsss_tune.stages.common import TrainStep, prepare_model, to_device
-    from wsss_tune.stages.deeplab import make_deeplab_step
+    from wsss_tune.stages.deeplab import make_deeplab_step, model_kwargs
     from wsss_tune.stages.eps import make_eps_step
     from wsss_tune.utils.runtime import autocast, resolve_device, seed_everything
 
@@ -508,7 +651,7 @@ def time_stages(
         return aff_step_s, aff_forward_s, _timed(walk, **timed)
 
     def time_deeplab() -> tuple[float, float]:
-        dl = build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=c + 1, msc=d.msc, freeze_bn=d.freeze_bn)
+        dl = build_deeplab(num_classes=c + 1, **model_kwargs(d))
         dl = prepare_model(dl, device, d.channels_last)
         batch = {"image": images(d.batch_size, d.crop_size, d.channels_last), "mask": masks(d.batch_size, d.crop_size)}
         dl_step_s = time_step(make_deeplab_step(d, dl, device=device), batch)
@@ -531,6 +674,141 @@ def time_stages(
                         deeplab_forward=dl_forward_s)
 
 
+#: Image counts without the dataset (``plan --sizes voc``): the official VOC 2012 + SBD lists
+#: (``train_aug`` 10,582 ids, VOC ``train`` 1,464 inside it, ``val`` 1,449; DESIGN.md §2) and their classes.
+SIZE_PRESETS: dict[str, tuple[DatasetSizes, int]] = {
+    "voc": (DatasetSizes(train=10582, masks=10582, val=1449), 20),
+}
+
+
+def parse_sizes(text: str) -> tuple[DatasetSizes, int | None]:
+    """``voc`` (a preset: sizes and class count) or ``TRAIN,MASKS,VAL`` image counts (class count None).
+
+    Raises:
+        ValueError: neither (the message names the text and the presets).
+    """
+    if text in SIZE_PRESETS:
+        return SIZE_PRESETS[text]
+    try:
+        train, masks, val = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"sizes {text!r}: expected a preset ({', '.join(SIZE_PRESETS)}) or TRAIN,MASKS,VAL image "
+                         "counts such as 10582,10582,1449") from None
+    if min(train, masks, val) < 1 or masks < train:
+        raise ValueError(f"sizes {text!r}: expected counts >= 1 with MASKS (train split plus mask-eval split) >= TRAIN")
+    return DatasetSizes(train=train, masks=masks, val=val), None
+
+
+def _model_flops(build: Callable[[], Any], shape: tuple[int, ...], *, train: bool,
+                 output: Callable[[Any], Any] = lambda y: y) -> float:
+    """FLOPs of one forward (and with ``train`` its backward) of the model ``build()`` makes, on the
+    ``meta`` device (shapes only: nothing is computed or allocated)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build().train(train)
+        x = torch.empty(*shape)
+        with FlopCounterMode(display=False) as counter:
+            if train:
+                y = output(model(x))
+                outs = y if isinstance(y, list | tuple) else [y]
+                sum(o.float().sum() for o in outs).backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    return float(counter.get_total_flops())
+
+
+#: Multiply-adds per pixel, plane and neighbour of one random-walk step (weight times score, summed).
+_WALK_FLOPS_PER_TAP = 2
+
+
+# Each model's FLOPs counted once per setting that changes them (a plan averages over many configs).
+@functools.lru_cache(maxsize=64)
+def _eps_flops(backbone: str, num_classes: int, proj_dim: int, batch: int, crop: int, view: int) -> tuple[float, float]:
+    from wsss_tune.models.eps_net import build_eps_net
+
+    def net() -> Any:
+        return build_eps_net(backbone=backbone, num_classes=num_classes, proj_dim=proj_dim)
+
+    def maps(y: Any) -> Any:
+        return y[0] if isinstance(y, tuple) else y
+
+    step = _model_flops(net, (batch, 3, crop, crop), train=True, output=maps)
+    if view:
+        step += _model_flops(net, (batch, 3, view, view), train=True, output=maps)
+    return step, _model_flops(net, (1, 3, crop, crop), train=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _affinity_flops(backbone: str, widths: tuple[int, ...], out_channels: int, batch: int,
+                    crop: int) -> tuple[float, float, int]:
+    import torch
+
+    from wsss_tune.models.affinity_net import build_affinity_net
+
+    def net() -> Any:
+        return build_affinity_net(backbone=backbone, widths=widths, out_channels=out_channels)
+
+    with torch.device("meta"):
+        stride = int(net().output_stride)
+    return (_model_flops(net, (batch, 3, crop, crop), train=True), _model_flops(net, (1, 3, crop, crop), train=False),
+            stride)
+
+
+@functools.lru_cache(maxsize=256)
+def _deeplab_flops(kwargs: str, num_classes: int, batch: int, crop: int) -> tuple[float, float]:
+    from wsss_tune.models.deeplab import build_deeplab
+
+    def net() -> Any:
+        return build_deeplab(num_classes=num_classes, **json.loads(kwargs))
+
+    return _model_flops(net, (batch, 3, crop, crop), train=True), _model_flops(net, (1, 3, crop, crop), train=False)
+
+
+def count_stages(cfg: PipelineConfig, *, num_classes: int, stages: Sequence[str] = ("eps", "affinity", "deeplab"),
+                 tflops: float) -> StageTimings:
+    """:class:`StageTimings` from counted FLOPs at ``tflops`` TFLOP/s sustained (an assumption, not a
+    measurement): for a device that is not here.
+
+    A training step counts its model's forward and backward on one batch of the configured crop (torch's
+    ``FlopCounterMode``: convolutions and matrix products, a multiply-add = 2 FLOPs; the loss, the
+    optimiser and element-wise work are left out); DeepLab's times ``accumulate`` micro-batches, EPS
+    with ``method: eps_ppc`` adds the second view (its side ``ppc_view_scale`` x the crop) and the
+    projection head. A forward is one image at the crop. The walk is counted by hand: ``2**logt`` steps
+    x ``C + 1`` planes x the crop's pixels at the affinity stride x (2 x neighbours + 1) taps x 2.
+    """
+    from wsss_tune.ops.neighbors import neighbor_offsets
+    from wsss_tune.stages.deeplab import model_kwargs
+
+    if not (isinstance(tflops, int | float) and math.isfinite(tflops) and tflops > 0):
+        raise ValueError(f"count_stages: tflops={tflops!r}, expected a throughput > 0")
+    rate = tflops * 1e12
+    e, a, r, d = cfg.eps, cfg.affinity, cfg.rw, cfg.deeplab
+    run = {graph.spec(name).stage for name in artifact_chain(cfg, stages)}
+    out = dict.fromkeys(("eps_step", "eps_forward", "affinity_step", "affinity_forward", "rw_image", "deeplab_step",
+                         "deeplab_forward"), 0.0)
+    if "eps" in run:
+        ppc = getattr(e, "method", "eps") == "eps_ppc"
+        view = max(1, round(e.crop_size * float(getattr(e, "ppc_view_scale", 1.0)))) if ppc else 0
+        step, forward = _eps_flops(e.backbone, num_classes, int(getattr(e, "ppc_proj_dim", 0)) if ppc else 0,
+                                   e.batch_size, e.crop_size, view)
+        out["eps_step"], out["eps_forward"] = step / rate, forward / rate
+    if "affinity" in run:
+        step, forward, stride = _affinity_flops(a.backbone or e.backbone, tuple(a.widths), a.out_channels,
+                                                a.batch_size, a.crop_size)
+        cells = math.ceil(a.crop_size / stride) ** 2
+        taps = 2 * len(neighbor_offsets(a.radius)) + 1
+        out["affinity_step"], out["affinity_forward"] = step / rate, forward / rate
+        out["rw_image"] = 2**r.logt * (num_classes + 1) * cells * taps * _WALK_FLOPS_PER_TAP / rate
+    if "deeplab" in run:
+        micro, forward = _deeplab_flops(json.dumps(model_kwargs(d), sort_keys=True), num_classes + 1, d.batch_size,
+                                        d.crop_size)
+        out["deeplab_step"], out["deeplab_forward"] = micro * d.accumulate / rate, forward / rate
+    return StageTimings(device=f"an assumed {tflops:g} TFLOP/s device (counted FLOPs)", **out)
+
+
 # --------------------------------------------------------------------------------------------------
 # Presenting
 # --------------------------------------------------------------------------------------------------
@@ -540,11 +818,15 @@ def format_plan(est: CostEstimate, *, alternatives: Mapping[str, CostEstimate] |
     """Plain-text plan: one line per artifact, totals, the scenarios compared, the assumptions."""
     lines = [f"Sweep cost estimate: {est.trials} trials on {est.gpus} device(s), cache {'on' if est.cache else 'off'}, "
              f"early stopping {'ASHA' if est.asha else 'off'}", ""]
-    head = f"{'artifact':<10} {'h/build':>9} {'builds':>7} {'work':>6} {'device-h':>10}  composition"
+    width = max([10, *(len(r.artifact) for r in est.rows), *(len(label) + 5 - 25 for label, _ in est.references)])
+    head = f"{'artifact':<{width}} {'h/build':>9} {'builds':>7} {'work':>6} {'device-h':>10}  composition"
     lines += [head, "-" * len(head)]
     for r in est.rows:
-        lines.append(f"{r.artifact:<10} {r.seconds / _HOUR:>9.3f} {r.builds:>7.2f} {r.work_fraction:>6.0%} "
+        lines.append(f"{r.artifact:<{width}} {r.seconds / _HOUR:>9.3f} {r.builds:>7.2f} {r.work_fraction:>6.0%} "
                      f"{r.device_seconds / _HOUR:>10.2f}  {'shared, ' if r.shared else ''}{r.detail}")
+    for label, hours in est.references:
+        lines.append(f"{'ref. ' + label:<{width + 25}} {hours:>10.2f}  reference point: one trial at its own "
+                     "settings, never stopped early")
     lines += ["", f"one trial, start to end:   {est.per_trial_hours:10.2f} h",
               f"total device time:         {est.device_hours:10.2f} device-hours",
               f"expected wall clock:       {est.wall_hours:10.2f} h on {est.gpus} device(s)"]
@@ -559,6 +841,15 @@ def format_plan(est: CostEstimate, *, alternatives: Mapping[str, CostEstimate] |
     return "\n".join(lines)
 
 
+#: Config fields no unit time depends on (:func:`time_stages` and :func:`count_stages` time one step at
+#: LR 0, one forward, one walk of ``2**rw.logt`` steps): a plan times each setting of the others once.
+_UNTIMED = frozenset({
+    "lr", "head_lr_mult", "head_bias_lr_mult", "bn_lr_mult", "momentum", "weight_decay", "poly_power", "iterations",
+    "epochs", "eval_every", "eval_images", "checkpoint_every", "log_every", "tau", "lam", "bg_threshold", "bg_mode",
+    "cam_scales", "cam_flip", "beta", "alpha", "pad_border", "test_scales", "test_flip", "crf", "save_predictions",
+    "pretrained", "seed", *graph.PSEUDO_CRF_FIELDS})
+
+
 def plan(
     space: str | Path,
     *,
@@ -569,10 +860,17 @@ def plan(
     asha: bool = True,
     steps: int = DEFAULT_TIMED_STEPS,
     device: str | None = None,
+    sizes: str | None = None,
+    tflops: float | None = None,
 ) -> tuple[CostEstimate, str]:
-    """Load ``space``, time its stages here, estimate the sweep; returns the estimate and its text.
+    """Load ``space``, time its stages, estimate the sweep (:func:`expected_cost`); returns the estimate
+    and its text, which compares the four scenarios (cache on/off x ASHA on/off) under the chosen one.
 
-    The text compares the four scenarios (cache on/off x ASHA on/off) under the chosen one.
+    Args:
+        sizes: Image counts instead of the dataset's (:func:`parse_sizes`: ``voc`` or ``T,M,V``); then the
+            dataset need not exist.
+        tflops: Unit times from counted FLOPs at this throughput (:func:`count_stages`) instead of timing
+            the models on this machine's ``device``.
     """
     from wsss_tune.data import VOCLayout
     from wsss_tune.spaces import load_space
@@ -581,15 +879,36 @@ def plan(
     cfg = sp.base_config()
     if data is not None:
         cfg = apply_overrides(cfg, {"data.root": str(Path(data).expanduser().resolve())})
-    if not Path(cfg.data.root).is_dir():
-        raise FileNotFoundError(f"data root {cfg.data.root!r} does not exist (pass --data ROOT)")
+    have_data = Path(cfg.data.root).is_dir()
+    classes: int | None = None
+    if sizes is not None:
+        counts, classes = parse_sizes(sizes)
+    elif not have_data:
+        raise FileNotFoundError(f"data root {cfg.data.root!r} does not exist (pass --data ROOT, or --sizes voc to price "
+                                "the official VOC image counts)")
+    else:
+        counts = dataset_sizes(cfg)
+    if classes is None:
+        classes = VOCLayout.from_config(cfg.data).num_classes if have_data else SIZE_PRESETS["voc"][1]
     n = trials if trials is not None else sp.num_samples
-    sizes = dataset_sizes(cfg)
-    timings = time_stages(cfg, num_classes=VOCLayout.from_config(cfg.data).num_classes, stages=sp.stages,
-                          device=device, steps=steps)
-    est = estimate_cost(timings, sp, cfg, n, gpus, cache=cache, asha=asha, sizes=sizes)
+    memo: dict[str, StageTimings] = {}
+
+    def timer(c: PipelineConfig) -> StageTimings:
+        # Timed once per setting that can change a unit time (the schedule and test-time fields cannot).
+        key = json.dumps({k: {f: v for f, v in to_dict(getattr(c, k)).items() if f not in _UNTIMED}
+                          for k in ("eps", "affinity", "rw", "deeplab")}, sort_keys=True)
+        if key not in memo:
+            memo[key] = (count_stages(c, num_classes=classes, stages=sp.stages, tflops=tflops) if tflops is not None
+                         else time_stages(c, num_classes=classes, stages=sp.stages, device=device, steps=steps))
+        return memo[key]
+
+    est = expected_cost(timer, sp, cfg, n, gpus, cache=cache, asha=asha, sizes=counts)
+    if sizes is not None:
+        est = dataclasses.replace(est, assumptions=(*est.assumptions, f"image counts {sizes!r}: train {counts.train:,}, "
+                                                    f"CAM/refined masks {counts.masks:,}, val {counts.val:,}; "
+                                                    f"{classes} classes"))
     alternatives = {f"cache {'on' if c else 'off'}, ASHA {'on' if s else 'off'}":
-                    estimate_cost(timings, sp, cfg, n, gpus, cache=c, asha=s, sizes=sizes)
+                    expected_cost(timer, sp, cfg, n, gpus, cache=c, asha=s, sizes=counts)
                     for c in (True, False) for s in (True, False)}
     return est, format_plan(est, alternatives=alternatives)
 
@@ -721,6 +1040,10 @@ def saved_tensor_bytes(fn: Callable[[], Any], *, exclude: Any = ()) -> int:
     return sum(seen.values())
 
 
+#: Images of the forward :func:`measure_memory_profile` runs (the bytes are per image pixel).
+_PROFILE_BATCH = 2
+
+
 @functools.lru_cache(maxsize=32)
 def _profile(stage: str, label: str, model_args: tuple[tuple[str, Any], ...], crop: int, radius: int) -> MemoryProfile:
     import torch
@@ -734,16 +1057,18 @@ def _profile(stage: str, label: str, model_args: tuple[tuple[str, Any], ...], cr
     build: Callable[..., Any] = {"eps": build_eps_net, "affinity": build_affinity_net, "deeplab": build_deeplab}[stage]
     with torch.device("meta"):
         model = build(**args).train()  # frozen BatchNorm stays in eval mode (the models' own train())
-        x = torch.empty(1, 3, crop, crop)
+        # Two images (per image below): BatchNorm after a global pool needs more than one in training.
+        x = torch.empty(_PROFILE_BATCH, 3, crop, crop)
         params = list(model.parameters())
         out: dict[str, Any] = {}
         act = saved_tensor_bytes(lambda: out.setdefault("y", model(x)), exclude=params)
         fp32 = 0
         if stage == "affinity":
             fp32 = saved_tensor_bytes(lambda: affinity_from_features(out["y"], radius=radius), exclude=params)
+    pixels = _PROFILE_BATCH * crop**2
     return MemoryProfile(model=label, params=sum(p.numel() for p in params),
                          trainable=sum(p.numel() for p in params if p.requires_grad),
-                         activation_bytes_per_pixel=act / crop**2, fp32_bytes_per_pixel=fp32 / crop**2)
+                         activation_bytes_per_pixel=act / pixels, fp32_bytes_per_pixel=fp32 / pixels)
 
 
 def measure_memory_profile(cfg: PipelineConfig, stage: str, *, num_classes: int) -> MemoryProfile:

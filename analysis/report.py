@@ -28,7 +28,7 @@ from wsss_tune.analysis.figures import (
     qualitative_data,
 )
 from wsss_tune.analysis.results import ExperimentResult, load_experiment
-from wsss_tune.analysis.tables import Table, experiment_tables, gain_lines
+from wsss_tune.analysis.tables import Table, experiment_tables, gain_lines, reference_table
 from wsss_tune.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -53,6 +53,7 @@ _MISSING = "-"
 #: Report sections in order: (table name, figure name or None, heading).
 _SECTIONS: tuple[tuple[str | None, str | None, str], ...] = (
     ("stages", "stages", "Stages: reference config vs best found"),
+    ("references", None, "Reference points beside the best"),
     ("phases", None, "Searches"),
     ("seeds", None, "Seed re-runs"),
     ("history", "history", "Optimisation history"),
@@ -67,7 +68,7 @@ _SECTIONS: tuple[tuple[str | None, str | None, str], ...] = (
     ("trials", None, "All trials"),
 )
 #: Sections shown only when their table has rows.
-_OPTIONAL = frozenset({"phases", "seeds"})
+_OPTIONAL = frozenset({"phases", "seeds", "references"})
 #: Human headers of the stage table's columns.
 _STAGE_HEADERS = {
     "stage": "stage", "reference_tune": "reference tune", "reference_heldout": "reference held-out",
@@ -144,6 +145,11 @@ def _summary(exp: ExperimentResult) -> tuple[str, ...]:
         lines.append(f"Reference point (trial {exp.reference.trial_id}, {exp.reference.status}): {exp.metric} = "
                      f"{_fmt(exp.reference.value(exp.metric))}, held-out = "
                      f"{_fmt(exp.reference.value(exp.heldout_metric))}.")
+    named = reference_table(exp).frame
+    for r in named[~named["config"].isin(["reference", "best"])].to_dict("records"):
+        lines.append(f"Reference point {r['config']} (trial {_fmt(r['trial_id'])}, {r['status']}): {exp.metric} = "
+                     f"{_fmt(r['tune'])}, held-out = {_fmt(r['heldout'])}; the best's gain over it: tune "
+                     f"{_fmt(r['best_gain_tune'])}, held-out {_fmt(r['best_gain_heldout'])}.")
     lines += gain_lines(exp)
     failed = [t for t in exp.trials if t.status == "failed"]
     for t in failed[:5]:

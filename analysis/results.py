@@ -305,6 +305,9 @@ def space_to_dict(space: SearchSpace) -> dict[str, Any]:
     }
     if space.fidelity is not None:
         out["fidelity"] = dataclasses.asdict(space.fidelity)
+    if space.references:  # resolved values, so reading the record never loads the named configs again
+        out["references"] = {label: {p.path: _plain(values[p.path]) for p in space.params}
+                             for label, values in space.references.items()}
     if space.description:
         out["description"] = space.description
     return out

@@ -10,6 +10,9 @@ plot and a table come from one computation.
 ``stages``         reference vs best config: CAM (when a CAM-baseline trial exists), EPS pseudo
                    mask, refined mask, DeepLab; mIoU on the tune and held-out halves, each
                    stage's gain over the previous one, and best minus reference
+``references``     each reference point (the base config's and the space's named ones, e.g. a
+                   published recipe) beside the searched best: its trial, status, metric on
+                   both halves and the best's gain over it; empty without named references
 ``trials``         one row per trial: order, status, searched values, final and last reported
                    value of the metric, how far it got
 ``history``        the optimisation history: value per trial and the best so far
@@ -34,7 +37,13 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from wsss_tune.analysis.results import RUNS_DIR, ExperimentResult, TrialRecord, stage_miou_rows
+from wsss_tune.analysis.results import (
+    RUNS_DIR,
+    ExperimentResult,
+    TrialRecord,
+    find_reference,
+    stage_miou_rows,
+)
 from wsss_tune.analysis.schema import MAP_COLUMNS, report_column
 from wsss_tune.stages import graph
 
@@ -45,6 +54,8 @@ __all__ = [
     "Table",
     "cam_baseline",
     "stage_table",
+    "reference_points",
+    "reference_table",
     "trial_order",
     "trials_table",
     "overlap_table",
@@ -206,6 +217,53 @@ def stage_table(exp: ExperimentResult) -> Table:
             "reference_gain_heldout", "best_gain_tune", "best_gain_heldout", "delta_tune", "delta_heldout"]
     return Table(name="stages", title="Mask quality by stage (mIoU %): reference config vs best found",
                  frame=pd.DataFrame(rows, columns=cols), note="; ".join(note))
+
+
+def reference_points(exp: ExperimentResult) -> dict[str, dict[str, Any]]:
+    """The experiment's reference points by label: the base config's (``reference``), then the named
+    ones its space recorded (``references``: label -> values of the searched parameters)."""
+    out: dict[str, dict[str, Any]] = {"reference": dict(exp.record.reference_point)}
+    named = exp.record.space.get("references") or {}
+    if isinstance(named, Mapping):
+        out.update({str(k): dict(v) for k, v in named.items() if isinstance(v, Mapping)})
+    return out
+
+
+def reference_table(exp: ExperimentResult) -> Table:
+    """Each reference point beside the searched best (empty when the space names no reference).
+
+    Columns: ``config`` (the point's label, or ``best``), ``trial_id`` and ``status`` of the trial that
+    evaluated it (``not run`` when none did), ``tune`` and ``heldout`` (the experiment's metric on
+    the two halves), ``best_gain_tune``/``_heldout`` (the best's value minus this one, sign following
+    the mode: positive = the search found better), ``values`` (the point's searched values).
+    """
+    points = reference_points(exp)
+    cols = ["config", "trial_id", "status", "tune", "heldout", "best_gain_tune", "best_gain_heldout", "values"]
+    if len(points) < 2:
+        return Table(name="references", title="Reference points beside the searched best",
+                     frame=pd.DataFrame([], columns=cols), note="the space names no reference point besides its base")
+    sign = 1.0 if exp.mode == "max" else -1.0
+    best = exp.best
+    best_values = (best.value(exp.metric), best.value(exp.heldout_metric)) if best is not None else (None, None)
+
+    def row(label: str, trial: TrialRecord | None, values: Mapping[str, Any]) -> dict[str, Any]:
+        tune = trial.value(exp.metric) if trial is not None else None
+        held = trial.value(exp.heldout_metric) if trial is not None else None
+        gains = [sign * (b - v) if b is not None and v is not None and label != "best" else None
+                 for b, v in zip(best_values, (tune, held), strict=True)]
+        return {"config": label, "trial_id": trial.trial_id if trial is not None else None,
+                "status": trial.status if trial is not None else "not run", "tune": tune, "heldout": held,
+                "best_gain_tune": gains[0], "best_gain_heldout": gains[1],
+                "values": json.dumps(dict(values), default=str)}
+
+    rows = [row(label, exp.reference if label == "reference" else find_reference(exp.trials, values), values)
+            for label, values in points.items()]
+    rows.append(row("best", best, best.params if best is not None else {}))
+    note = (f"{exp.metric} on the tune half and {exp.heldout_metric} on the held-out half; a reference point's "
+            "trial runs its whole budget (never stopped early); only the searched parameters come from a named "
+            "config, the rest is the base config")
+    return Table(name="references", title="Reference points beside the searched best", frame=pd.DataFrame(rows, columns=cols),
+                 note=note)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,7 +798,8 @@ def experiment_tables(exp: ExperimentResult, *, study: Any = None) -> dict[str, 
     reports = _reports_frame(exp)
     curves = curves_table(exp, reports)
     trials = trials_table(exp, curves, trial_order(exp, study, reports))
-    tables = [stage_table(exp), phases_table(exp), seeds_table(exp), trials, history_table(exp, trials),
+    tables = [stage_table(exp), reference_table(exp), phases_table(exp), seeds_table(exp), trials,
+              history_table(exp, trials),
               importance_table(exp, study), curves, stopped_table(exp, trials), per_class_table(exp),
               overlap_table(exp, reports), compute_table(exp)]
     return {t.name: t for t in tables}

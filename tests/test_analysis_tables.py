@@ -215,7 +215,7 @@ def test_moved_experiment_still_finds_its_study(experiment: Path, tmp_path: Path
 def test_experiment_tables_names(experiment: Path) -> None:
     tables = experiment_tables(load_experiment(experiment))
     assert set(tables) == {"stages", "trials", "history", "importances", "curves", "stopped", "per_class", "overlap",
-                           "compute", "phases", "seeds"}
+                           "compute", "phases", "seeds", "references"}
 
 
 def test_trial_order_follows_the_study_not_the_ids(tmp_path: Path, synth_root: Path) -> None:

@@ -14,7 +14,7 @@ from wsss_tune.config import load_config
 from wsss_tune.spaces import SearchSpace, SpaceError, list_spaces, load_space, space_from_dict
 
 SHIPPED = {"eps", "rw", "deeplab", "pipeline", "synth_eps", "synth_rw", "synth_deeplab", "synth_pipeline",
-           "synth_gap"}
+           "synth_gap", "recipes"}
 
 #: A valid space on the built-in ``synth`` config (rw.beta 8.0, rw.logt 3, rw.bg_mode 'power').
 VALID: dict[str, Any] = {
@@ -66,11 +66,16 @@ def test_every_shipped_space_loads_and_validates() -> None:
 
 def test_reference_points_are_the_papers_settings() -> None:
     """Hand-copied from DESIGN.md §2 (EPS tau 0.4, lam 0.5; walk beta 8, logt 8, alpha 16; DeepLab
-    LR 2.5e-4, head 10x, biases 20x) and from the built-in synth config (beta 8, logt 3, alpha 4)."""
-    assert load_space("eps").reference_point() == {"eps.tau": 0.4, "eps.lam": 0.5}
+    LR 2.5e-4, head 10x, biases 20x), from the PPC reference (plain EPS first; weight 0.1, temperature
+    0.1, 1/16 of a map's pixels per prototype: docs/ppc.md) and from the built-in synth config (beta 8,
+    logt 3, alpha 4)."""
+    assert load_space("eps").reference_point() == {
+        "eps.tau": 0.4, "eps.lam": 0.5, "eps.method": "eps", "eps.ppc_weight": 0.1, "eps.ppc_temperature": 0.1,
+        "eps.ppc_confident_share": 1 / 16}
     assert load_space("rw").reference_point() == {"rw.beta": 8.0, "rw.logt": 8, "rw.alpha": 16.0}
     assert load_space("deeplab").reference_point() == {
-        "deeplab.lr": 2.5e-4, "deeplab.head_lr_mult": 10.0, "deeplab.head_bias_lr_mult": 20.0}
+        "deeplab.lr": 2.5e-4, "deeplab.head_lr_mult": 10.0, "deeplab.head_bias_lr_mult": 20.0,
+        "deeplab.pseudo_crf": False}
     assert load_space("synth_rw").reference_point() == {"rw.beta": 8.0, "rw.logt": 3, "rw.alpha": 4.0}
 
 

@@ -21,6 +21,7 @@ from wsss_tune.config import DeepLabConfig, PipelineConfig, apply_overrides, loa
 from wsss_tune.data import VOCLayout, generate_synthetic_voc, save_mask_png
 from wsss_tune.models.deeplab import build_deeplab
 from wsss_tune.reporting import DivergedError, RecordingReporter
+from wsss_tune.stages import graph
 from wsss_tune.stages.common import CheckpointManager, poly_lr
 from wsss_tune.stages.deeplab import (
     INFER_FIELDS,
@@ -105,9 +106,10 @@ def write_layout(root: Path, images: dict[str, np.ndarray], masks: dict[str, np.
 
 
 def test_field_groups_partition_the_deeplab_config():
-    """Every DeepLabConfig field is in exactly one of: training key, test-time only, neutral."""
+    """Every DeepLabConfig field is in exactly one of: training key, test-time only, neutral, the CRF on
+    the training masks (keys those masks)."""
     names = [f.name for f in dataclasses.fields(DeepLabConfig)]
-    groups = [set(train_key_fields()), set(INFER_FIELDS), set(NEUTRAL_FIELDS)]
+    groups = [set(train_key_fields()), set(INFER_FIELDS), set(NEUTRAL_FIELDS), set(graph.PSEUDO_CRF_FIELDS)]
     assert sorted(set().union(*groups)) == sorted(names)
     assert sum(len(g) for g in groups) == len(names)
     assert set(INFER_FIELDS) == {"test_scales", "test_flip", "crf", "save_predictions"}

@@ -33,6 +33,7 @@ from wsss_tune.stages.eps import (
     train_key_fields,
 )
 from wsss_tune.stages.evaluate import tune_heldout_ids
+from wsss_tune.stages.graph import PPC_FIELDS
 from wsss_tune.utils import seed_everything
 
 #: Tiny settings: 32 px crops, batches of 2, single-scale CAMs; a step takes milliseconds on the CPU.
@@ -277,6 +278,113 @@ def test_run_eps_scores_masks_and_reuses_a_trained_model(synth_root, tmp_path):
                     train_dir=tmp_path / "train")
     assert [h["step"] for h in rec2.history] == [cfg.eps.iterations]
     assert other.paths["model"] == result.paths["model"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixel-to-prototype contrast (eps.method: eps_ppc)
+# --------------------------------------------------------------------------------------------------
+
+#: A value other than the default for every contrast field.
+PPC_CHANGES = {"ppc_weight": 0.3, "ppc_temperature": 0.5, "ppc_confident_share": 0.25, "ppc_bg_score": 0.2,
+               "ppc_view_scale": 0.5, "ppc_proj_dim": 16}
+
+
+def test_ppc_fields_key_only_the_ppc_model(tmp_path):
+    """Every ppc_* field changes the eps_ppc model's key; none is in the eps or cam model's key, which
+    stay what they were before the fields existed. Inference uses the EPS softmax."""
+    assert set(PPC_CHANGES) == set(PPC_FIELDS)
+    assert set(PPC_FIELDS) == {f.name for f in dataclasses.fields(EPSConfig) if f.name.startswith("ppc_")}
+    assert set(PPC_FIELDS) <= set(train_key_fields())
+    cfg = tiny_cfg(tmp_path)
+    ppc = apply_overrides(cfg, {"eps.method": "eps_ppc"})
+    assert train_key(ppc) != train_key(cfg)
+    for method in ("eps", "cam"):
+        base = apply_overrides(cfg, {"eps.method": method})
+        assert not set(train_key(base)["eps"]) & set(PPC_FIELDS)
+        for name, value in PPC_CHANGES.items():
+            assert train_key(apply_overrides(base, {f"eps.{name}": value})) == train_key(base), (method, name)
+    for name, value in PPC_CHANGES.items():
+        assert train_key(apply_overrides(ppc, {f"eps.{name}": value})) != train_key(ppc), name
+    assert cam_normalization("eps_ppc") == "softmax"
+
+
+def test_ppc_fields_leave_a_plain_eps_run_bit_identical(synth_root, tmp_path):
+    """``method: eps`` with every ppc_* field changed trains the very same weights and losses as the
+    defaults, and its net has no projection head."""
+    cfg = tiny_cfg(synth_root, eps__iterations=2)
+    a, b = RecordingReporter(), RecordingReporter()
+    train_eps(cfg, out_dir=tmp_path / "a", reporter=a)
+    train_eps(apply_overrides(cfg, {f"eps.{k}": v for k, v in PPC_CHANGES.items()}), out_dir=tmp_path / "b",
+              reporter=b)
+    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any(k.startswith("proj.") for k in wa)
+    assert logged(a.history, "eps/loss") == logged(b.history, "eps/loss")
+    assert not any(k.startswith(("eps/loss_ppc", "eps/ppc_")) for h in a.history for k in h)
+
+
+def test_ppc_trains_a_few_steps_and_yields_masks(synth_root, tmp_path):
+    """``method: eps_ppc`` on the tiny data, 3 steps logged one by one: the loss is L_cls + L_sal + L_ppc
+    (L_cls and L_sal the means of the two views'), L_ppc is ppc_weight times the sum of its three
+    logged parts, every value is finite; the model has a trained projection head of ppc_proj_dim
+    channels; inference writes a mask per image and the stage scores them."""
+    cfg = tiny_cfg(synth_root, eps__iterations=3, eps__method="eps_ppc", eps__ppc_proj_dim=16)
+    layout = VOCLayout.from_config(cfg.data)
+    rec = RecordingReporter()
+    result = run_eps(cfg, out_dir=tmp_path / "ppc", reporter=rec)
+    logs = [h for h in logged(rec.history, "eps/loss") if "eps_miou" not in h]
+    assert [h["step"] for h in logs] == [1, 2, 3]
+    for h in logs:
+        values = [h[k] for k in ("eps/loss", "eps/loss_cls", "eps/loss_sal", "eps/loss_ppc", "eps/ppc_cross",
+                                 "eps/ppc_cross_labels", "eps/ppc_intra")]
+        assert all(math.isfinite(v) and v >= 0 for v in values)
+        assert h["eps/loss"] == pytest.approx(h["eps/loss_cls"] + h["eps/loss_sal"] + h["eps/loss_ppc"], rel=1e-5)
+        parts = h["eps/ppc_cross"] + h["eps/ppc_cross_labels"] + h["eps/ppc_intra"]
+        assert h["eps/loss_ppc"] == pytest.approx(cfg.eps.ppc_weight * parts, rel=1e-5)
+        assert h["eps/ppc_cross"] > 0
+    seed_everything(cfg.run.seed)
+    init = build_eps_net(backbone=cfg.eps.backbone, num_classes=layout.num_classes, proj_dim=16).state_dict()
+    final = torch.load(result.paths["model"], weights_only=True)
+    assert set(final) == set(init) and final["proj.weight"].shape[0] == 16
+    assert not torch.equal(final["proj.weight"], init["proj.weight"])
+    ids = set(layout.split_ids(cfg.data.train_split)) | set(layout.split_ids(cfg.data.mask_eval_split))
+    assert {p.stem for p in Path(result.paths["masks"]).glob("*.png")} == ids
+    m = result.metrics
+    assert m["eps_method"] == "eps_ppc" and 0.0 <= m["eps_miou"] <= 100.0
+    assert any(k.startswith("eps/overlap/") for k in m) and "eps/loss_ppc" in m
+
+
+def test_second_view_leaves_batchnorm_running_statistics_alone():
+    """Inside ``_running_stats_kept`` a training-mode BatchNorm still normalises with the batch's own
+    statistics (its output has mean 0) but its running mean stays put; the momentum comes back after."""
+    from wsss_tune.stages.eps import _running_stats_kept
+
+    bn = torch.nn.BatchNorm2d(2).train()
+    x = torch.randn(4, 2, 3, 3) + 5.0
+    with _running_stats_kept(bn):
+        y = bn(x)
+    assert torch.equal(bn.running_mean, torch.zeros(2)) and bn.momentum == 0.1
+    assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    bn(x)
+    assert bn.running_mean.min() > 0.4  # outside the block it updates: 0.1 * ~5
+
+
+def test_ppc_resumed_run_ends_with_identical_weights(synth_root, tmp_path):
+    """The contrast's hard pixel sampling draws from the global RNG, which checkpoints restore: a run
+    killed at step 3 and resumed from its step-2 checkpoint ends bit-identical to an uninterrupted one
+    and logs the same losses for steps 3 and 4."""
+    cfg = tiny_cfg(synth_root, eps__method="eps_ppc", eps__ppc_proj_dim=8)
+    full = RecordingReporter()
+    train_eps(cfg, out_dir=tmp_path / "full", reporter=full)
+    with pytest.raises(Interrupt):
+        train_eps(cfg, out_dir=tmp_path / "resumed", reporter=CrashingReporter(at=3))
+    again = RecordingReporter()
+    train_eps(cfg, out_dir=tmp_path / "resumed", reporter=again)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(again.history, "eps/loss") == logged(full.history, "eps/loss")[2:]
 
 
 # --------------------------------------------------------------------------------------------------

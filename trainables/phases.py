@@ -45,13 +45,14 @@ from wsss_tune.analysis.results import (
     space_to_dict,
     write_sweep,
 )
-from wsss_tune.config import PipelineConfig, load_config, to_dict
+from wsss_tune.config import to_dict
 from wsss_tune.spaces import (
     HELDOUT_SUFFIX,
     TUNE_SUFFIX,
     Param,
     SearchSpace,
     SpaceError,
+    config_point,
     space_from_dict,
     validate,
 )
@@ -159,8 +160,9 @@ def cascade_spaces(space: SearchSpace) -> list[tuple[str, SearchSpace]]:
 def _reseed_space(space: SearchSpace, points: int) -> SearchSpace:
     """The re-runs' space: every parameter of ``space`` plus ``run.seed``, no early stopping."""
     seed = Param(path=SEED_PARAM, kind="int", low=_SEED_RANGE[0], high=_SEED_RANGE[1])
+    # The re-runs have their own points; the named reference points were the search's.
     return dataclasses.replace(space, name=f"{space.name}/{RESEED_PHASE}", params=(*space.params, seed),
-                               fidelity=None, num_samples=max(1, points))
+                               fidelity=None, num_samples=max(1, points), references={})
 
 
 def experiment_phases(space: SearchSpace, *, name: str, mode: str, trials: int | None,
@@ -356,16 +358,11 @@ def compare_configs(space: SearchSpace, names: Sequence[str]) -> dict[str, dict[
     """
     out: dict[str, dict[str, Any]] = {}
     for name in names:
-        cfg: PipelineConfig = load_config(name)
-        label = Path(name).stem if name.endswith((".yaml", ".yml")) else name
-        values = {}
+        label, values = config_point(space.params, name)
         for p in space.params:
-            section, _, field_name = p.path.partition(".")
-            value = getattr(getattr(cfg, section), field_name)
-            if not p.contains(value):
-                raise ValueError(f"--compare-config {name}: {p.path} = {value!r} lies outside the space's "
+            if not p.contains(values[p.path]):
+                raise ValueError(f"--compare-config {name}: {p.path} = {values[p.path]!r} lies outside the space's "
                                  f"{p.describe()}; a comparison config must be a point of the space")
-            values[p.path] = value
         out[label] = values
     return out
 
@@ -414,7 +411,7 @@ def run_phases(plan: Any, *, progress: str, seed: int, max_failures: int, max_co
                 record = _set_phase(record, i, phase)
                 write_sweep(exp_dir, record)
             space = phase_space(phase, record)
-            points = [space.reference_point()]
+            points = list(space.reference_points().values())
         phase_plan = dataclasses.replace(_phase_plan(plan, phase, space), record=record)
         if not phase.done and not _phase_done(study, phase, phase_plan):
             started = bool(study.get_trials(deepcopy=False))

@@ -14,9 +14,9 @@ result. :class:`FidelitySearch` tells Optuna
 * FAIL for a trial that raised, or that finished without a finite value of the metric.
 
 **The reference is never pruned.** The searcher marks the trial that evaluates the space's reference
-point (user attribute :data:`REFERENCE_ATTR`); :class:`FullBudgetASHA` asks it
-(:meth:`FidelitySearch.protected`) and lets that trial run its whole budget, so "gain over the
-reference" always compares completed values.
+point, and those of its named reference points (user attribute :data:`REFERENCE_ATTR`);
+:class:`FullBudgetASHA` asks it (:meth:`FidelitySearch.protected`) and lets these trials run their
+whole budget, so "gain over the reference" always compares completed values.
 
 **Budgets in steps.** With ``step_budget`` the searcher starts a new trial only while the compute
 spent (each finished trial's last ``time_attr``) plus the full budget of each running trial plus one
@@ -178,6 +178,7 @@ class FidelitySearch(OptunaSearch):
             before Optuna is asked for new ones) and the failed ones to run again.
         reference: The reference point; the trial that evaluates it is marked and protected from
             the scheduler (:meth:`protected`).
+        references: More reference points (the space's named ones), marked and protected the same way.
         step_budget / full_steps: Stop asking for trials once the compute in ``time_attr`` units would
             pass ``step_budget``, a full trial costing ``full_steps`` (module docstring).
         count_stage: Count only the steps of results whose ``stage`` is this (the searched stage's
@@ -187,7 +188,8 @@ class FidelitySearch(OptunaSearch):
     """
 
     def __init__(self, *, time_attr: str | None = None, resume: ResumePlan | None = None,
-                 reference: Mapping[str, Any] | None = None, step_budget: int | None = None,
+                 reference: Mapping[str, Any] | None = None,
+                 references: Sequence[Mapping[str, Any]] = (), step_budget: int | None = None,
                  full_steps: int | None = None, count_stage: str | None = None, **kwargs: Any) -> None:
         if step_budget is not None and (not time_attr or not full_steps or full_steps < 1):
             raise ValueError("a step budget needs the time_attr that counts steps and the steps of a full trial")
@@ -200,7 +202,7 @@ class FidelitySearch(OptunaSearch):
         super().__init__(**kwargs)
         self._time_attr = time_attr
         self._last_step: dict[str, int] = {}
-        self._reference = dict(reference) if reference else None
+        self._references = [dict(r) for r in ([reference] if reference else []) + list(references) if r]
         self._protected: set[str] = set()
         #: Steps each trial reached (its largest ``time_attr``), for the step budget.
         self._steps: dict[str, int] = {}
@@ -210,9 +212,8 @@ class FidelitySearch(OptunaSearch):
         return trial_id in self._protected
 
     def _is_reference(self, config: Mapping[str, Any]) -> bool:
-        if not self._reference:
-            return False
-        return all(k in config and _same_value(config[k], v) for k, v in self._reference.items())
+        return any(all(k in config and _same_value(config[k], v) for k, v in ref.items())
+                   for ref in self._references)
 
     def _budget_left(self) -> bool:
         """Whether one more full trial fits the step budget (always, without one)."""

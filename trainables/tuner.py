@@ -7,10 +7,12 @@ runs the search (new or resumed from the Optuna study, :class:`~trainables.searc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wsss_tune.analysis.results import ResourcesRecord
+from wsss_tune.spaces import REFERENCE_LABEL
 from wsss_tune.stages import graph
 
 from .planning import SweepPlan
@@ -58,6 +60,15 @@ def _stderr_line(text: str) -> None:
     Console(stderr=True, soft_wrap=True).print(text, highlight=False)
 
 
+def _distinct(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``points`` without the repeats of an earlier one (two reference points may coincide; the seed
+    re-runs' points differ in ``run.seed``, which counts)."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in points:
+        out.setdefault(json.dumps(dict(p), sort_keys=True, default=str), dict(p))
+    return list(out.values())
+
+
 def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int, max_concurrent: int | None,
                 resume: ResumePlan | None = None, study_name: str | None = None,
                 points: Sequence[Mapping[str, Any]] | None = None, step_budget: int | None = None) -> Any:
@@ -69,7 +80,9 @@ def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int,
     Args:
         study_name: The study of this search in the experiment's storage (default: the experiment's
             name; a cascade has one per stage).
-        points: Points evaluated first (default: the reference point); the reference is never pruned.
+        points: Points evaluated first (default: the space's reference points, the base config's and each
+            named one, :meth:`~wsss_tune.spaces.SearchSpace.reference_points`); a point equal to an earlier
+            one is evaluated once. Trials of the reference points are never pruned.
         step_budget: Stop starting trials once their steps of the searched stage would pass this.
     """
     from optuna.logging import WARNING, set_verbosity
@@ -83,8 +96,10 @@ def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int,
     set_verbosity(WARNING)  # one line per trial from Optuna would fight the live table
     f = space.fidelity
     full_steps = plan.settings.final_t if step_budget is not None else None
+    named = [v for k, v in space.reference_points().items() if k != REFERENCE_LABEL]
     if points is None:
-        points = [dict(plan.reference_point)]
+        points = [dict(plan.reference_point), *named]
+    points = _distinct(points)
     searcher = FidelitySearch(
         space=optuna_distributions(space), metric=space.metric, mode=space.mode,
         # A resumed search asked for its first points already (they wait in the study's queue if the
@@ -92,7 +107,7 @@ def build_tuner(plan: SweepPlan, *, progress: str, seed: int, max_failures: int,
         points_to_evaluate=None if resume is not None else [dict(p) for p in points],
         sampler=TPESampler(seed=seed), study_name=study_name or plan.name,
         storage=study_storage(str(plan.exp_dir / STUDY_FILE)),
-        time_attr=plan.settings.time_attr, resume=resume, reference=plan.reference_point,
+        time_attr=plan.settings.time_attr, resume=resume, reference=plan.reference_point, references=named,
         step_budget=step_budget, full_steps=full_steps,
         count_stage=graph.fidelity_report_name(graph.tune_metrics()[space.metric][0]),
     )

@@ -527,12 +527,26 @@ def plan(
     cache: Annotated[bool, typer.Option(help="Trials share stage artifacts through the cache.")] = True,
     asha: Annotated[bool, typer.Option(help="Early stopping on the space's fidelity.")] = True,
     steps: Annotated[int, typer.Option(help="Timed steps per stage.")] = 3,
+    sizes: Annotated[str | None, typer.Option(
+        help="Image counts instead of the dataset's: 'voc' (the official VOC lists) or TRAIN,MASKS,VAL.")] = None,
+    tflops: Annotated[float | None, typer.Option(
+        help="Unit times from counted FLOPs at this assumed sustained TFLOP/s, instead of timing here.")] = None,
 ) -> None:
-    """Estimate a sweep's cost before launching it: times each stage here, then scales it up."""
+    """Estimate a sweep's cost before launching it: times each stage here (or counts its FLOPs), then
+    scales it up."""
+    from wsss_tune.analysis.plan import parse_sizes
     from wsss_tune.analysis.plan import plan as make_plan
 
     _reads_yaml(space, "search space file", "search_spaces/synth_rw.yaml")
-    _, text = make_plan(space, data=data, gpus=gpus, trials=trials, cache=cache, asha=asha, steps=steps)
+    if sizes is not None:
+        try:
+            parse_sizes(sizes)
+        except ValueError as exc:
+            _fail(f"--sizes: {exc}")
+    if tflops is not None and not tflops > 0:
+        _fail(f"--tflops {tflops}: expected a throughput > 0")
+    _, text = make_plan(space, data=data, gpus=gpus, trials=trials, cache=cache, asha=asha, steps=steps,
+                        sizes=sizes, tflops=tflops)
     typer.echo(text)
 
 

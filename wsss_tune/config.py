@@ -227,8 +227,10 @@ class DataConfig(_Checked):
 class EPSConfig(_Checked):
     """EPS classifier (Lee et al., CVPR 2021) training and CAM inference."""
 
-    #: ``eps`` = classification + saliency loss; ``cam`` = the plain CAM baseline (no saliency loss).
-    method: Literal["eps", "cam"] = "eps"
+    #: ``eps`` = classification + saliency loss; ``cam`` = the plain CAM baseline (no saliency loss);
+    #: ``eps_ppc`` = EPS with pixel-to-prototype contrast (Du et al., CVPR 2022; ``docs/ppc.md``): a
+    #: projection head, a second view of each batch with its own EPS loss, and the ``ppc_*`` settings.
+    method: Literal["eps", "cam", "eps_ppc"] = "eps"
     backbone: str = "resnet38"
     #: Local ImageNet weights (.pth / MXNet .params); empty = random init.
     pretrained: str = ""
@@ -237,6 +239,24 @@ class EPSConfig(_Checked):
     tau: float = _valid(0.4, UNIT)
     #: Weight of the foreground term of the estimated saliency map, in [0, 1].
     lam: float = _valid(0.5, UNIT)
+    # Pixel-to-prototype contrast (``method: eps_ppc`` only; the other methods ignore these fields and
+    # their artifacts are keyed without them). Defaults: the PPC reference code's EPS variant, file
+    # named per field (``docs/ppc.md`` has the whole list).
+    #: Weight of the contrastive loss (each of its three terms; ``module/train.py``: ``gamma = 0.10``).
+    ppc_weight: float = _valid(0.1, NON_NEGATIVE)
+    #: Temperature of the pixel-to-prototype softmax (``module/train.py``: ``/ 0.1`` in every term).
+    ppc_temperature: float = _valid(0.1, POSITIVE)
+    #: Confident pixels per class that make its prototype, as a share of one image's contrast map:
+    #: ``k = int(h * w * share)``, at least 1 (``module/train.py``: ``k = h * w // 16``, so 1/16).
+    ppc_confident_share: float = _valid(1 / 16, Range(0, 1, low_open=True))
+    #: Constant background confidence for the contrast's pseudo labels (``module/train.py``:
+    #: ``bg_thres=0.10``); an object pixel needs a min-max normalised class score above it.
+    ppc_bg_score: float = _valid(0.1, UNIT)
+    #: Side of the second view over the crop side (``module/train.py``: 448 px crops resized to
+    #: 128 x 128, so 2/7).
+    ppc_view_scale: float = _valid(128 / 448, POSITIVE)
+    #: Channels of the projection head (``network/resnet38_contrast.py``: ``proj_fc`` 4096 -> 128).
+    ppc_proj_dim: int = _valid(128, AT_LEAST_ONE)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = _valid(0.01, POSITIVE)
     weight_decay: float = _valid(5e-4, NON_NEGATIVE)
@@ -339,14 +359,46 @@ class RWConfig(_Checked):
 
 @dataclass(frozen=True)
 class DeepLabConfig(_Checked):
-    """DeepLab v1 (LargeFOV) / v2 (ASPP) on the refined masks."""
+    """DeepLab v1 (LargeFOV) / v2 (ASPP) on the refined masks.
 
-    arch: Literal["v1", "v2"] = "v2"
+    Defaults are deeplab-pytorch's reading of the paper (DESIGN.md §2 "DeepLab"); the fields after
+    ``scales`` up to ``loss_resize`` and the ``pseudo_crf*`` fields are the named options the published
+    EPS DeepLab recipe needs (built-in config ``voc_eps_recipe``), each default the deeplab-pytorch
+    behaviour (no change unless set).
+    """
+
+    #: ``v1`` LargeFOV, ``v2`` ASPP (sum of four dilated convs to the classes), ``v2_gp`` the ASPP of
+    #: the EPS recipe (wseg ``net/operators/ASPP.py``): four 256-channel dilated branches with
+    #: BatchNorm plus a global-pooling branch, concatenated, fused by a 1x1 conv, then the classifier.
+    arch: Literal["v1", "v2", "v2_gp"] = "v2"
     backbone: str = "resnet101"
     #: Local initialisation weights (ImageNet or COCO-trained); empty = random init.
     pretrained: str = ""
     #: Which masks to train on: ``refined`` (random walk), ``eps``, ``gt`` (upper bound), or a folder.
     mask_source: str = "refined"
+    #: Refine the training masks with a dense CRF first (the EPS recipe trains on ``crf_5_8``: wseg
+    #: ``contrast_infer.py --crf_t 5 --crf_alpha 8``). With ``mask_source: eps`` the CRF runs on the
+    #: EPS CAMs as the reference does: background ``(1 - max CAM) ** pseudo_crf_alpha`` and the
+    #: labelled class maps. Masks without scores (``refined``, ``gt``, a folder) get a unary of
+    #: ``pseudo_crf_label_prob`` on their label (our extension). Keys only the refined-mask artifact.
+    #: Needs the optional ``pydensecrf2`` package.
+    pseudo_crf: bool = False
+    #: Mean-field iterations (``--crf_t 5``).
+    pseudo_crf_iterations: int = _valid(5, AT_LEAST_ONE)
+    #: Background exponent on CAMs (``--crf_alpha 8``); not used by masks without scores.
+    pseudo_crf_alpha: float = _valid(8.0, POSITIVE)
+    #: Smoothness kernel std (px) and weight (wseg ``util/imutils.py crf_inference``: ``sxy=3``,
+    #: ``compat=3``).
+    pseudo_crf_pos_xy_std: float = _valid(3.0, POSITIVE)
+    pseudo_crf_pos_w: float = _valid(3.0, NON_NEGATIVE)
+    #: Appearance kernel std (px, RGB levels) and weight (``crf_inference``: ``sxy=80``, ``srgb=13``,
+    #: ``compat=10``).
+    pseudo_crf_bi_xy_std: float = _valid(80.0, POSITIVE)
+    pseudo_crf_bi_rgb_std: float = _valid(13.0, POSITIVE)
+    pseudo_crf_bi_w: float = _valid(10.0, NON_NEGATIVE)
+    #: Probability of a mask's own label in the unary of masks without scores, the rest spread evenly
+    #: over the other labels of the image (IRN ``imutils.crf_inference_label``: ``gt_prob=0.7``).
+    pseudo_crf_label_prob: float = _valid(0.7, Range(0, 1, low_open=True, high_open=True))
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = _valid(2.5e-4, POSITIVE)
     head_lr_mult: float = _valid(10.0, NON_NEGATIVE)
@@ -359,9 +411,34 @@ class DeepLabConfig(_Checked):
     #: Gradient accumulation steps per optimiser step.
     accumulate: int = _valid(1, AT_LEAST_ONE)
     crop_size: int = _valid(321, AT_LEAST_ONE)
-    #: Random training scales (one or more, each > 0).
+    #: Random training scales (one or more, each > 0), drawn from the list (deeplab-pytorch).
     scales: tuple[float, ...] = _valid((0.5, 0.75, 1.0, 1.25, 1.5), POSITIVE, min_items=1)
+    #: Empty: ``scales``. ``[low, high]`` (0 < low <= high): a scale drawn uniformly from the range instead,
+    #: the image resized bicubically to ``round(side * s)``, and a crop larger than the image placed at a
+    #: random offset (wseg ``RandomScale``, ``DATA_RANDOMSCALE: [0.5, 1.5]``, and ``RandomCrop``).
+    scale_range: tuple[float, ...] = _valid((), POSITIVE)
+    #: Random HSV shift (hue, saturation, value) in OpenCV 8-bit units, each drawn as an integer in
+    #: ``[-v, v]``, hue wrapping at 180, saturation and value clipped to 0..255, before the geometry
+    #: (wseg ``RandomHSV``, ``DATA_RANDOM_H/S/V: 10``). All 0 (default): none.
+    hsv_jitter: tuple[int, int, int] = _valid((0, 0, 0), (Range(0, 90), Range(0, 255), Range(0, 255)))
+    #: Freeze the backbone's BatchNorm (eval mode, affine frozen): deeplab-pytorch. False: batch
+    #: statistics in training (the EPS recipe, ``MODEL_FREEZEBN: False``).
     freeze_bn: bool = True
+    #: Learning-rate multiplier of the BatchNorm affine parameters that train (backbone with
+    #: ``freeze_bn: false``, and the ``v2_gp`` head), without weight decay. 0 leaves them out of the
+    #: optimiser, as the EPS recipe's does (wseg ``get_parameter_groups`` collects conv weights and biases
+    #: only): its BatchNorm layers normalise with batch statistics but keep their initial affine.
+    bn_lr_mult: float = _valid(1.0, NON_NEGATIVE)
+    #: Running-statistics momentum (PyTorch convention) of the BatchNorm layers of the ``v2_gp`` head
+    #: (wseg ``TRAIN_BN_MOM: 0.0003``; the backbone keeps PyTorch's 0.1, as wseg's ``resnet.py``).
+    head_bn_momentum: float = _valid(3e-4, Range(0, 1, low_open=True))
+    #: Give the first block of the dilated ResNet stages the previous stage's dilation (1 in layer3, 2
+    #: in layer4), as torchvision and wseg's ``resnet.py`` do; False (deeplab-pytorch): every block of
+    #: a stage uses its dilation. ResNet backbones only.
+    contract_dilation: bool = False
+    #: Where the loss compares: ``labels`` shrinks the labels to the logits (deeplab-pytorch);
+    #: ``logits`` upsamples the logits bilinearly to the crop (wseg ``deeplabv2.forward``).
+    loss_resize: Literal["labels", "logits"] = "labels"
     msc: bool = False
     balanced_ce: bool = False
     #: Evaluate every ``eval_every`` iterations on ``eval_images`` images (either 0 = never).
@@ -376,6 +453,13 @@ class DeepLabConfig(_Checked):
     save_predictions: bool = False
     amp: bool = True
     channels_last: bool = True
+
+    def _check_together(self, section: str) -> None:
+        if len(self.scale_range) not in (0, 2):
+            raise ConfigError(f"{section}.scale_range: expected [] (use {section}.scales) or [low, high], "
+                              f"got {list(self.scale_range)}")
+        if self.scale_range:
+            _check_resize_long(self.scale_range, f"{section}.scale_range")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

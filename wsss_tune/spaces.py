@@ -15,6 +15,7 @@ afterwards. A file looks like::
     heldout_split: train_heldout
     num_samples: 24                # default number of trials
     overrides: {eps.eval_images: 256}
+    references: [voc_eps_recipe]   # more settings evaluated first (see below)
     fidelity: {time_attr: stage_step, max_t: 20000, grace_period: 4000, reduction_factor: 3}
     params:
       eps.tau: {kind: uniform, low: 0.1, high: 0.7}
@@ -30,6 +31,15 @@ held-out parts separately (``<stage>_miou_tune`` / ``_heldout``; see
 derives from a hash of each image id when ``data.tune_split``/``data.heldout_split`` are empty; any
 other names are id-list files of the dataset. A search may only optimise a ``*_tune`` metric.
 
+Reference points. The base config's values of the searched parameters are the reference point,
+evaluated first. ``references`` names more configs (built-in names, or YAML paths relative to the
+space file) whose values of the searched parameters are evaluated first as well: several published
+settings as starting points, each a trial the scheduler never stops, each shown beside the searched
+best in the report. Only the searched parameters are taken from a named config; the rest of a trial's
+config is the base's. Loading resolves the names to their values (:func:`config_point`, the mapping
+``--compare-config`` uses too); the recorded space holds the values (``references: {label: {path:
+value}}``), so a resumed sweep or a report never reads the configs again.
+
 Loading validates everything against the config schema - types and the valid values each field
 declares - and raises :class:`SpaceError` naming the file and the key (``params.eps.tau.high``).
 Turning a space into Ray Tune or Optuna distributions happens in ``wsss_tune.trainables``; this
@@ -40,7 +50,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -74,6 +84,8 @@ __all__ = [
     "Param",
     "Fidelity",
     "SearchSpace",
+    "REFERENCE_LABEL",
+    "config_point",
     "list_spaces",
     "load_space",
     "space_from_dict",
@@ -107,7 +119,7 @@ _PARAM_FIELDS: dict[str, frozenset[str]] = {
     "categorical": frozenset({"choices"}),
 }
 _REQUIRED_KEYS = ("base", "stages", "metric", "mode", "tune_split", "heldout_split", "params")
-_OPTIONAL_KEYS = ("description", "num_samples", "overrides", "fidelity")
+_OPTIONAL_KEYS = ("description", "num_samples", "overrides", "fidelity", "references")
 _FIDELITY_KEYS = ("time_attr", "max_t", "grace_period", "reduction_factor")
 #: The protocol's splits are top-level keys; overriding them as well would make two sources of truth.
 _SPLIT_FIELDS = ("data.tune_split", "data.heldout_split")
@@ -115,6 +127,8 @@ _SPLIT_FIELDS = ("data.tune_split", "data.heldout_split")
 _REL_TOL = 1e-9
 #: Most combinations of the parameters' ends :func:`validate` tries against the config's rules.
 _MAX_CORNERS = 4096
+#: Label of the base config's reference point among the reference points (:meth:`SearchSpace.reference_points`).
+REFERENCE_LABEL = "reference"
 
 
 class SpaceError(ValueError):
@@ -225,6 +239,9 @@ class SearchSpace:
     num_samples: int = DEFAULT_NUM_SAMPLES
     source: Path | None = None
     description: str = ""
+    #: Named reference points (label -> config path -> value), resolved from the configs the file names
+    #: (``references``); they hold at least the searched parameters.
+    references: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -267,6 +284,16 @@ class SearchSpace:
         for p in self.params:
             section, _, name = p.path.partition(".")
             out[p.path] = getattr(getattr(cfg, section), name)
+        return out
+
+    def reference_points(self) -> dict[str, dict[str, Any]]:
+        """Every point evaluated first, by label: the base config's (:data:`REFERENCE_LABEL`,
+        :meth:`reference_point`), then each named reference's values of the searched parameters, in
+        the file's order. Two labels may share a point; a sweep evaluates it once."""
+        paths = [p.path for p in self.params]
+        out = {REFERENCE_LABEL: self.reference_point()}
+        for label, values in self.references.items():
+            out[label] = {path: values[path] for path in paths}
         return out
 
     def sample_grid(self, n: int) -> list[dict[str, Any]]:
@@ -353,6 +380,56 @@ def _parse_fidelity(spec: Any, where: str) -> Fidelity | None:
     )
 
 
+def config_point(params: Sequence[Param], name: str | Path, *, base_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The values of ``params`` in a named config: ``(label, {path: value})``.
+
+    ``name`` is a built-in config name or a YAML path (a relative one is relative to ``base_dir``, default
+    the working directory); the label is the built-in name or the file's stem. Whether the values lie in
+    a space is the caller's check (:func:`validate` for ``references``, ``--compare-config`` its own).
+
+    Raises:
+        ConfigError: the config does not exist or does not load.
+    """
+    text = str(name)
+    target: str | Path = text
+    if text not in builtin_configs():
+        path = Path(text).expanduser()
+        target = path if path.is_absolute() or base_dir is None else base_dir / path
+    cfg = load_config(target)
+    label = Path(text).stem if text.endswith((".yaml", ".yml")) else text
+    values = {}
+    for p in params:
+        section, _, field_name = p.path.partition(".")
+        values[p.path] = getattr(getattr(cfg, section), field_name)
+    return label, values
+
+
+def _parse_references(spec: Any, params: Sequence[Param], where: str, source: Path | None) -> dict[str, dict[str, Any]]:
+    """``references``: a list of config names (resolved here), or the recorded ``{label: {path: value}}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        out: dict[str, dict[str, Any]] = {}
+        for label, values in spec.items():
+            if not isinstance(label, str) or not isinstance(values, Mapping):
+                raise SpaceError(where, f"references.{label}", f"expected config path -> value, got {values!r}")
+            out[label] = {str(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return out
+    if not isinstance(spec, list) or not all(isinstance(n, str) and n.strip() for n in spec):
+        raise SpaceError(where, "references", f"expected a list of config names or YAML paths, got {spec!r}")
+    out = {}
+    for i, name in enumerate(spec):
+        try:
+            label, values = config_point(params, name, base_dir=source.parent if source is not None else None)
+        except ConfigError as exc:
+            raise SpaceError(where, f"references[{i}]", str(exc)) from None
+        if label in out or label == REFERENCE_LABEL:
+            raise SpaceError(where, f"references[{i}]", f"the label {label!r} is taken (the base config's point is "
+                             f"{REFERENCE_LABEL!r}; each named config once)")
+        out[label] = values
+    return out
+
+
 def space_from_dict(data: Any, *, source: str | Path | None = None, name: str | None = None) -> SearchSpace:
     """Build and :func:`validate` a space from its YAML mapping; ``source`` is the file it came from."""
     name = name or (Path(source).stem if source is not None else "space")
@@ -392,11 +469,13 @@ def space_from_dict(data: Any, *, source: str | Path | None = None, name: str | 
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpaceError(where, "description", f"expected text, got {description!r}")
+    parsed = tuple(_parse_param(path, spec, where) for path, spec in params.items())
     space = SearchSpace(
         name=name,
         base=_string(data["base"], where, "base"),
         overrides=dict(overrides),
-        params=tuple(_parse_param(path, spec, where) for path, spec in params.items()),
+        params=parsed,
+        references=_parse_references(data.get("references"), parsed, where, Path(source) if source is not None else None),
         metric=_string(data["metric"], where, "metric"),
         mode=data["mode"],
         stages=tuple(stages),
@@ -529,8 +608,9 @@ def validate(space: SearchSpace) -> None:
     parameter, inside the field's valid values), every parameter (known path, a distribution that
     fits the field's type, a non-empty range or choice list, choices of the field's type, ends and
     choices inside the field's valid values as :mod:`wsss_tune.config` declares them, alone and
-    combined with the base config and each other) and that the base config's values - the reference
-    point - lie inside the space. So no trial draws a value the config would refuse mid-sweep.
+    combined with the base config and each other), that the base config's values - the reference
+    point - lie inside the space, and that so does each named reference point, with the base config. So
+    no trial draws a value the config would refuse mid-sweep.
     """
     where = space.where
     try:
@@ -599,6 +679,33 @@ def validate(space: SearchSpace) -> None:
             raise SpaceError(where, f"params.{p.path}", f"the base config's value {value!r} lies outside "
                              f"{p.describe()}; the reference point is evaluated first as the warm start, "
                              "so the space must contain it")
+    _validate_references(space, cfg)
+
+
+def _validate_references(space: SearchSpace, cfg: PipelineConfig) -> None:
+    """Each named reference point gives every searched parameter a value of its domain, and makes a
+    valid config with the base (it runs as a trial)."""
+    where = space.where
+    if REFERENCE_LABEL in space.references:
+        raise SpaceError(where, f"references.{REFERENCE_LABEL}", "the label is the base config's reference point")
+    for label, values in space.references.items():
+        key = f"references.{label}"
+        for path, value in values.items():
+            try:
+                check_field(path, value)
+            except ConfigError as exc:
+                raise SpaceError(where, f"{key}.{path}", str(exc)) from None
+        for p in space.params:
+            if p.path not in values:
+                raise SpaceError(where, key, f"has no value of {p.path}")
+            if not p.contains(values[p.path]):
+                raise SpaceError(where, f"{key}.{p.path}", f"the value {values[p.path]!r} of {label} lies outside "
+                                 f"{p.describe()}; a reference point is evaluated first, so the space must contain it")
+        point = {p.path: values[p.path] for p in space.params}
+        try:
+            apply_overrides(cfg, point)
+        except ConfigError as exc:
+            raise SpaceError(where, key, f"its values {point} are refused with the base config ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 * v2 (Chen et al., TPAMI 2017; deeplab-pytorch ``_ASPP``): :class:`ASPPHead`, the **sum** of four
   3x3 convs with dilation 6/12/18/24 that go straight from the backbone's 2048 channels to the
   classes, with bias, weights ~ N(0, 0.01) and zero bias.
+* v2 with global pooling (``v2_gp``; the DeepLab v2 of the EPS recipe, wseg ``net/operators/ASPP.py``
+  with ``MODEL_ASPP_HASGLOBAL``): :class:`ASPPPoolingHead`, four 3x3 dilated convs (6/12/18/24) and a
+  global-average-pool branch, each to 256 channels with BatchNorm and ReLU, concatenated and fused by
+  a 1x1 conv, then dropout and a 1x1 classifier.
 * v1 (Chen et al., ICLR 2015, "DeepLab-LargeFOV"): :class:`LargeFOVHead`. LargeFOV was defined on
   VGG-16, whose fc6/fc7 became a 3x3 conv with dilation 12 to 1024 channels and a 1x1 conv
   1024 -> 1024, each followed by ReLU and dropout 0.5, then the 1x1 classifier fc8. The ResNet
@@ -15,7 +19,7 @@
   0.5 and 0.75; training returns ``[full, 0.5, 0.75, max-fused]`` (each at its own size except the
   fused one), eval the max-fused logits only.
 * :func:`deeplab_param_groups`: the reference's ``lr_mult``: backbone 1x, head weights 10x, head
-  biases 20x without weight decay.
+  biases 20x without weight decay; BatchNorm affine parameters that train at ``bn_lr_mult``.
 
 ``num_classes`` everywhere includes the background (C + 1 = 21 on VOC).
 """
@@ -45,7 +49,12 @@ __all__ = [
     "MSC_SCALES",
     "HEAD_LR_MULT",
     "HEAD_BIAS_LR_MULT",
+    "BN_LR_MULT",
+    "ASPP_GP_CHANNELS",
+    "ASPP_GP_DROPOUT",
+    "HEAD_BN_MOMENTUM",
     "ASPPHead",
+    "ASPPPoolingHead",
     "LargeFOVHead",
     "DeepLab",
     "MSC",
@@ -72,8 +81,19 @@ MSC_SCALES: tuple[float, ...] = (0.5, 0.75)
 #: ``get_params`` "10x" / "20x").
 HEAD_LR_MULT = 10.0
 HEAD_BIAS_LR_MULT = 20.0
+#: LR multiplier of the BatchNorm affine parameters that train (our default 1x; the EPS recipe's 0 leaves
+#: them out of the optimiser, see ``DeepLabConfig.bn_lr_mult``).
+BN_LR_MULT = 1.0
+#: Width of every branch and of the fusion of :class:`ASPPPoolingHead` (wseg ``MODEL_ASPP_OUTDIM: 256``).
+ASPP_GP_CHANNELS = 256
+#: Dropout after the fusion and again before the classifier of :class:`ASPPPoolingHead` (wseg
+#: ``ASPP.conv_cat`` ``nn.Dropout(0.5)`` and ``deeplabv2.dropout1``).
+ASPP_GP_DROPOUT = 0.5
+#: Running-statistics momentum of the head's BatchNorm layers (wseg ``TRAIN_BN_MOM: 0.0003``, passed as
+#: PyTorch's ``momentum``).
+HEAD_BN_MOMENTUM = 3e-4
 
-_ARCHS: tuple[str, ...] = ("v1", "v2")
+_ARCHS: tuple[str, ...] = ("v1", "v2", "v2_gp")
 
 
 def _init_new_conv(conv: nn.Conv2d) -> None:
@@ -119,6 +139,80 @@ class ASPPHead(nn.Module):
         for conv in self.convs[1:]:
             out = out + conv(x)
         return out
+
+
+class ASPPPoolingHead(nn.Module):
+    """ASPP with a global-pooling branch (the DeepLab v2 of the EPS recipe; wseg ``ASPP`` with
+    ``has_global=True`` and ``deeplabv2``).
+
+    Each of ``len(rates)`` branches is a 3x3 conv with that dilation (no bias), BatchNorm and ReLU; the
+    pooling branch averages the whole map, applies a 1x1 conv (no bias), BatchNorm and ReLU and is
+    spread back over the map. The ``len(rates) + 1`` maps are concatenated, fused by a 1x1 conv (no
+    bias), BatchNorm, ReLU and dropout, then dropout again and a 1x1 classifier with bias. As the
+    reference, every conv starts Kaiming-normal (fan out, ReLU gain), BatchNorm at weight 1 and bias 0,
+    and the classifier's bias keeps PyTorch's default initialisation.
+
+    Args:
+        in_channels: backbone channels (2048 for ResNet-101).
+        num_classes: classes including background.
+        channels: width of every branch and of the fusion.
+        rates: dilation (and padding) of each 3x3 branch.
+        bn_momentum: running-statistics momentum of every BatchNorm of the head.
+        dropout: dropout probability after the fusion and before the classifier.
+
+    Shape:
+        - Input: ``(B, in_channels, h, w)`` -> Output: ``(B, num_classes, h, w)``. In training the
+          pooling branch's BatchNorm needs ``B >= 2`` (one value per channel otherwise).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        channels: int = ASPP_GP_CHANNELS,
+        rates: Sequence[int] = ASPP_RATES,
+        bn_momentum: float = HEAD_BN_MOMENTUM,
+        dropout: float = ASPP_GP_DROPOUT,
+    ) -> None:
+        super().__init__()
+        _check_positive_int(in_channels, "ASPPPoolingHead in_channels")
+        _check_positive_int(num_classes, "ASPPPoolingHead num_classes")
+        _check_positive_int(channels, "ASPPPoolingHead channels")
+        if len(rates) == 0 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
+            raise ValueError(f"ASPPPoolingHead rates={tuple(rates)!r}: expected one or more positive integers")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"ASPPPoolingHead bn_momentum={bn_momentum!r}: expected a value in (0, 1]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"ASPPPoolingHead dropout={dropout!r}: expected a probability in [0, 1)")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.rates = tuple(rates)
+
+        def bn_relu(conv: nn.Conv2d) -> list[nn.Module]:
+            return [conv, nn.BatchNorm2d(channels, momentum=bn_momentum), nn.ReLU(inplace=True)]
+
+        self.branches = nn.ModuleList(
+            nn.Sequential(*bn_relu(nn.Conv2d(in_channels, channels, 3, padding=r, dilation=r, bias=False)))
+            for r in self.rates)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *bn_relu(nn.Conv2d(in_channels, channels, 1, bias=False)))
+        self.fuse = nn.Sequential(*bn_relu(nn.Conv2d(channels * (len(self.rates) + 1), channels, 1, bias=False)),
+                                  nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits (see class docstring for shapes)."""
+        h, w = x.shape[-2:]
+        pooled = self.pool(x).expand(-1, -1, h, w)  # a 1x1 map upsampled is the same value everywhere
+        fused = self.fuse(torch.cat([*(branch(x) for branch in self.branches), pooled], dim=1))
+        return self.classifier(self.drop(fused))
 
 
 class LargeFOVHead(nn.Module):
@@ -179,11 +273,12 @@ class _ParamGroups:
         *,
         head_lr_mult: float = HEAD_LR_MULT,
         head_bias_lr_mult: float = HEAD_BIAS_LR_MULT,
+        bn_lr_mult: float = BN_LR_MULT,
         weight_decay: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Optimizer groups of :func:`deeplab_param_groups`."""
         return deeplab_param_groups(self, lr=lr, head_lr_mult=head_lr_mult, head_bias_lr_mult=head_bias_lr_mult,
-                                    weight_decay=weight_decay)
+                                    bn_lr_mult=bn_lr_mult, weight_decay=weight_decay)
 
 
 class DeepLab(_ParamGroups, nn.Module):
@@ -288,52 +383,64 @@ def deeplab_param_groups(
     lr: float,
     head_lr_mult: float = HEAD_LR_MULT,
     head_bias_lr_mult: float = HEAD_BIAS_LR_MULT,
+    bn_lr_mult: float = BN_LR_MULT,
     weight_decay: float,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups with the DeepLab reference's learning-rate multipliers.
 
-    ========  ===============================  ==================  ============
-    name      parameters                       lr                  weight decay
-    ========  ===============================  ==================  ============
-    backbone  trainable backbone weights       lr                  weight_decay
-    bb_norm   trainable backbone norm params   lr                  0
-    head      head weights                     lr * head_lr_mult   weight_decay
-    head_bias head biases                      lr * bias_lr_mult   0
-    ========  ===============================  ==================  ============
+    =========  ===============================  ==================  ============
+    name       parameters                       lr                  weight decay
+    =========  ===============================  ==================  ============
+    backbone   trainable backbone weights       lr                  weight_decay
+    bb_norm    trainable backbone norm params   lr * bn_lr_mult     0
+    head       head weights                     lr * head_lr_mult   weight_decay
+    head_bias  head biases                      lr * bias_lr_mult   0
+    head_norm  head norm params (``v2_gp``)     lr * bn_lr_mult     0
+    =========  ===============================  ==================  ============
 
     Parameters with ``requires_grad=False`` (frozen BatchNorm, the reference default) or under the
-    backbone's ``frozen_prefixes`` are left out, as are empty groups. ``bb_norm`` exists only when
-    BatchNorm trains (not in the reference, which freezes it; no decay on it is our choice). Each
-    group carries ``name`` and ``lr_mult`` so a schedule can set ``lr = base_lr * lr_mult * factor``.
+    backbone's ``frozen_prefixes`` are left out, as are empty groups and, with ``bn_lr_mult`` 0, the
+    norm groups (the EPS recipe's optimiser holds conv weights and biases only). ``bb_norm`` exists only
+    when BatchNorm trains (not in the deeplab-pytorch reference, which freezes it; no decay on it is our
+    choice, as is ``bn_lr_mult`` 1 by default). Each group carries ``name`` and ``lr_mult`` so a schedule
+    can set ``lr = base_lr * lr_mult * factor``.
 
     Args:
         model: a :class:`DeepLab` or :class:`MSC` around one.
         lr: base learning rate.
         head_lr_mult: multiplier of the head weights.
         head_bias_lr_mult: multiplier of the head biases.
+        bn_lr_mult: multiplier of the trainable norm parameters (0: not optimised).
         weight_decay: L2 weight decay of the backbone and head weights.
     """
     deeplab = _unwrap(model)
-    norm_ids = {id(p) for m in deeplab.backbone.modules() if isinstance(m, _NORM_TYPES)
-                for p in m.parameters(recurse=False)}
+
+    def norm_ids(module: nn.Module) -> set[int]:
+        return {id(p) for m in module.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+
+    bb_norm = norm_ids(deeplab.backbone)
+    head_norm = norm_ids(deeplab.head)
     trainable = trainable_backbone_parameters(deeplab.backbone)
     head_weights: list[nn.Parameter] = []
     head_biases: list[nn.Parameter] = []
+    head_norms: list[nn.Parameter] = []
     for module in deeplab.head.modules():
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (head_biases if name == "bias" else head_weights).append(p)
+                (head_norms if id(p) in head_norm else head_biases if name == "bias" else head_weights).append(p)
     groups = [
-        {"name": "backbone", "params": [p for p in trainable if id(p) not in norm_ids], "lr": lr,
+        {"name": "backbone", "params": [p for p in trainable if id(p) not in bb_norm], "lr": lr,
          "lr_mult": 1.0, "weight_decay": weight_decay},
-        {"name": "bb_norm", "params": [p for p in trainable if id(p) in norm_ids], "lr": lr,
-         "lr_mult": 1.0, "weight_decay": 0.0},
+        {"name": "bb_norm", "params": [p for p in trainable if id(p) in bb_norm], "lr": lr * bn_lr_mult,
+         "lr_mult": bn_lr_mult, "weight_decay": 0.0},
         {"name": "head", "params": head_weights, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult,
          "weight_decay": weight_decay},
         {"name": "head_bias", "params": head_biases, "lr": lr * head_bias_lr_mult, "lr_mult": head_bias_lr_mult,
          "weight_decay": 0.0},
+        {"name": "head_norm", "params": head_norms, "lr": lr * bn_lr_mult, "lr_mult": bn_lr_mult,
+         "weight_decay": 0.0},
     ]
-    return [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"] and not (g["name"].endswith("norm") and bn_lr_mult == 0)]
 
 
 def _builder_parameters(name: str) -> set[str]:
@@ -347,19 +454,21 @@ def _builder_parameters(name: str) -> set[str]:
 
 def build_deeplab(
     *,
-    arch: Literal["v1", "v2"],
+    arch: Literal["v1", "v2", "v2_gp"],
     backbone: str,
     num_classes: int,
     pretrained: str = "",
     msc: bool = False,
     freeze_bn: bool = True,
+    head_bn_momentum: float = HEAD_BN_MOMENTUM,
     msc_scales: Sequence[float] = MSC_SCALES,
     backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> DeepLab | MSC:
     """Build DeepLab v1/v2 on a registry backbone, optionally initialised and wrapped in :class:`MSC`.
 
     Args:
-        arch: ``v1`` (:class:`LargeFOVHead`) or ``v2`` (:class:`ASPPHead`).
+        arch: ``v1`` (:class:`LargeFOVHead`), ``v2`` (:class:`ASPPHead`) or ``v2_gp``
+            (:class:`ASPPPoolingHead`).
         backbone: registry name (``resnet101``, ``resnet50``, ``tiny``, ...).
         num_classes: classes including background (C + 1).
         pretrained: local initialisation file: torchvision ImageNet, a deeplab-pytorch Caffe file
@@ -371,8 +480,10 @@ def build_deeplab(
         freeze_bn: freeze the backbone's BatchNorm (reference). Applies to backbones whose builder
             has a ``freeze_bn`` argument (the ResNets); backbones trained from scratch (``tiny``)
             have none and always train their BatchNorm.
+        head_bn_momentum: running-statistics momentum of the ``v2_gp`` head's BatchNorm.
         msc_scales: extra MSC input scales.
-        backbone_kwargs: further builder arguments (e.g. ``{"output_stride": 8}`` for ``tiny``).
+        backbone_kwargs: further builder arguments (e.g. ``{"output_stride": 8}`` for ``tiny``,
+            ``{"contract_dilation": True}`` for the ResNets); one the builder does not take is an error.
 
     Raises:
         ValueError: unknown ``arch`` or bad ``num_classes``; WeightsError: a file that does not fit.
@@ -384,6 +495,10 @@ def build_deeplab(
                          "(object classes plus background)")
     accepted = _builder_parameters(backbone)
     kwargs: dict[str, Any] = dict(backbone_kwargs or {})
+    unknown = sorted(set(kwargs) - accepted) if accepted else []
+    if unknown:
+        raise ValueError(f"build_deeplab: backbone {backbone!r} takes no {', '.join(map(repr, unknown))} "
+                         f"(it takes {', '.join(sorted(accepted))})")
     if "freeze_bn" in accepted:
         kwargs.setdefault("freeze_bn", freeze_bn)
     elif freeze_bn:
@@ -395,6 +510,8 @@ def build_deeplab(
     in_channels = int(cast(int, net.out_channels))
     if arch == "v2":
         head: nn.Module = ASPPHead(in_channels=in_channels, num_classes=num_classes)
+    elif arch == "v2_gp":
+        head = ASPPPoolingHead(in_channels=in_channels, num_classes=num_classes, bn_momentum=head_bn_momentum)
     else:
         head = LargeFOVHead(in_channels=in_channels, num_classes=num_classes)
     model = DeepLab(backbone=net, head=head)

@@ -2,6 +2,11 @@
 
 The head has no bias and Xavier-uniform init; the background map is the **last** channel; image
 logits are the global average pool of the maps (reference ``network/resnet38_eps.py``).
+
+For pixel-to-prototype contrast (``eps.method: eps_ppc``) the net also has a projection head: a 1x1
+conv without bias, Xavier-uniform init, on the same backbone map as the class head, followed by ReLU
+(PPC reference ``network/resnet38_contrast.py``, ``proj_fc``: 4096 -> 128); it trains at the head's
+learning rate and is not used at inference.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_tune.models.registry import create_backbone
@@ -107,14 +113,16 @@ class EPSNet(nn.Module):
     Args:
         backbone: a registry backbone; the head reads its last map (``out_channels`` channels).
         num_classes: number of object classes C (without background).
+        proj_dim: channels of the projection head for pixel-to-prototype contrast (0 = no head).
 
     Shape:
         - Input: ``(B, 3, H, W)``.
         - Output of :meth:`forward`: image logits ``(B, C+1)`` and maps ``(B, C+1, h, w)`` with
-          ``h, w`` the backbone's map size (``H / output_stride``).
+          ``h, w`` the backbone's map size (``H / output_stride``); with ``project=True`` also the
+          projected features ``(B, proj_dim, h, w)``.
     """
 
-    def __init__(self, *, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, *, backbone: nn.Module, num_classes: int, proj_dim: int = 0) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"EPSNet num_classes={num_classes!r}: expected a positive integer "
@@ -123,8 +131,15 @@ class EPSNet(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.output_stride = spec.output_stride
+        if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 0:
+            raise ValueError(f"EPSNet proj_dim={proj_dim!r}: expected an integer >= 0 (0 = no projection head)")
         self.head = nn.Conv2d(spec.out_channels, num_classes + 1, 1, bias=False)
         nn.init.xavier_uniform_(self.head.weight)
+        #: Projection head of pixel-to-prototype contrast (None without one).
+        self.proj: nn.Conv2d | None = None
+        if proj_dim:
+            self.proj = nn.Conv2d(spec.out_channels, proj_dim, 1, bias=False)
+            nn.init.xavier_uniform_(self.proj.weight)
         #: Report of the pretrained-weight load done by :func:`build_eps_net` (None if none).
         self.pretrained_report: LoadReport | None = None
 
@@ -137,20 +152,32 @@ class EPSNet(nn.Module):
         """
         return self.head(self.backbone(x)[-1])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Image logits (global average pool of the maps) and the maps.
+    def forward(self, x: Tensor, *, project: bool = False) -> tuple[Tensor, ...]:
+        """Image logits (global average pool of the maps) and the maps; with ``project`` also the
+        projected features, ``ReLU(proj(feature map))``.
 
         Shape:
             - Input: ``(B, 3, H, W)``.
-            - Output: ``(B, C+1)``, ``(B, C+1, h, w)``.
+            - Output: ``(B, C+1)``, ``(B, C+1, h, w)`` [, ``(B, proj_dim, h, w)``].
         """
-        maps = self.forward_maps(x)
-        return maps.mean(dim=(2, 3)), maps
+        if not project:
+            maps = self.forward_maps(x)
+            return maps.mean(dim=(2, 3)), maps
+        if self.proj is None:
+            raise ValueError("EPSNet.forward(project=True): this net has no projection head (build it with proj_dim > 0)")
+        feats = self.backbone(x)[-1]
+        maps = self.head(feats)
+        return maps.mean(dim=(2, 3)), maps, F.relu(self.proj(feats))
+
+    def new_layers(self) -> nn.Module:
+        """The layers trained from scratch: the class head, and the projection head if there is one."""
+        return self.head if self.proj is None else nn.ModuleList([self.head, self.proj])
 
     def param_groups(self, lr: float, head_lr_mult: float = HEAD_LR_MULT,
                      weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Backbone at ``lr`` (frozen parameters excluded), head at ``lr * head_lr_mult``."""
-        return backbone_head_param_groups(backbone=self.backbone, head=self.head, lr=lr,
+        """Backbone at ``lr`` (frozen parameters excluded), the new layers (:meth:`new_layers`) at
+        ``lr * head_lr_mult``."""
+        return backbone_head_param_groups(backbone=self.backbone, head=self.new_layers(), lr=lr,
                                           head_lr_mult=head_lr_mult, weight_decay=weight_decay)
 
 
@@ -176,6 +203,7 @@ def build_eps_net(
     num_classes: int,
     pretrained: str = "",
     backbone_kwargs: Mapping[str, Any] | None = None,
+    proj_dim: int = 0,
 ) -> EPSNet:
     """Create the named backbone, load ``pretrained`` into it (backbone weights only) and add the head.
 
@@ -186,11 +214,12 @@ def build_eps_net(
             random init. Every backbone key must be in the file; extra keys (an ImageNet classifier)
             are reported and ignored.
         backbone_kwargs: extra builder arguments.
+        proj_dim: channels of the projection head for pixel-to-prototype contrast (0 = none).
     """
     bb = create_backbone(backbone, **dict(backbone_kwargs or {}))
     report = load_pretrained(bb, pretrained, strict_backbone=True) if pretrained else None
     if report is not None:
         log.info("EPS backbone %s: %s", backbone, report.summary())
-    net = EPSNet(backbone=bb, num_classes=num_classes)
+    net = EPSNet(backbone=bb, num_classes=num_classes, proj_dim=proj_dim)
     net.pretrained_report = report
     return net

@@ -1,4 +1,5 @@
-"""Pure tensor math: EPS loss, CAM -> mask, mIoU, affinity pairs/labels/loss, the random walk.
+"""Pure tensor math: EPS loss, pixel-to-prototype contrast, CAM -> mask, mIoU, affinity pairs/labels/loss,
+the random walk.
 
 No file I/O, no config objects, no device placement: every function runs on the device of its inputs.
 """
@@ -11,6 +12,7 @@ from wsss_tune.ops.affinity import (
     labels_at_stride,
 )
 from wsss_tune.ops.cam import cam_to_mask, multiscale_cam
+from wsss_tune.ops.contrast import ppc_loss
 from wsss_tune.ops.eps_loss import EPSLoss, classification_loss, eps_loss, overlap_ratio, saliency_loss
 from wsss_tune.ops.metric import IGNORE_INDEX, ConfusionMatrix, confusion_matrix, miou
 from wsss_tune.ops.neighbors import neighbor_offsets, pair_indices
@@ -37,6 +39,7 @@ __all__ = [
     "neighbor_offsets",
     "overlap_ratio",
     "pair_indices",
+    "ppc_loss",
     "random_walk",
     "rw_labels",
     "rw_scores_from_cams",

@@ -3,9 +3,11 @@
 DESIGN.md §2 "DeepLab" and "Metric". One image's path through this module:
 
 1. :func:`train_deeplab` - ``SegmentationDataset`` on ``data.train_split`` with the masks of any folder
-   (pseudo masks, refined masks, or the ground truth for an upper bound); random scale from
-   ``deeplab.scales``, flip, crop ``crop_size`` padded with 255 -> DeepLab (``arch`` v1/v2, optional
-   multi-scale inputs) -> cross-entropy at the resolution of each output (:func:`~wsss_tune.ops.seg_loss.msc_loss`)
+   (pseudo masks, refined masks, their CRF-refined copy, or the ground truth for an upper bound);
+   :func:`train_transform`: random scale from ``deeplab.scales`` (or uniform in ``scale_range``), flip,
+   optional HSV shift, crop ``crop_size`` padded with 255 -> DeepLab (``arch`` v1/v2/v2_gp, optional
+   multi-scale inputs) -> cross-entropy at the resolution of each output, or on the outputs upsampled to
+   the crop (``loss_resize``; :func:`~wsss_tune.ops.seg_loss.msc_loss`)
    -> SGD momentum 0.9 (or Adam) with poly LR, backbone 1x, head weights ``head_lr_mult``, head biases
    ``head_bias_lr_mult`` without weight decay; ``accumulate`` micro-batches per update. Checkpoints resume
    exactly; the final weights go to ``<out>/model.pt``.
@@ -23,7 +25,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -75,6 +77,8 @@ __all__ = [
     "predict_probs",
     "evaluate_model",
     "make_deeplab_step",
+    "model_kwargs",
+    "train_transform",
     "train_deeplab",
     "evaluate_deeplab",
     "run_deeplab",
@@ -108,9 +112,12 @@ _UPSAMPLE_MODE = "bilinear"
 
 
 def train_key_fields() -> tuple[str, ...]:
-    """DeepLabConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`
-    (the stage graph's ``deeplab_model`` key fields)."""
-    return tuple(graph.spec("deeplab_model").own_fields(PipelineConfig()))
+    """DeepLabConfig fields that change the trained weights: all but :data:`INFER_FIELDS`, :data:`NEUTRAL_FIELDS`
+    and the CRF on the training masks (:data:`~wsss_tune.stages.graph.PSEUDO_CRF_FIELDS`, which key those
+    masks). The stage graph's ``deeplab_model`` key holds them, less the EPS recipe's options while
+    they are at their defaults (:data:`~wsss_tune.stages.graph.DEEPLAB_RECIPE_FIELDS`)."""
+    skip = {*INFER_FIELDS, *NEUTRAL_FIELDS, *graph.PSEUDO_CRF_FIELDS}
+    return tuple(f.name for f in dataclasses.fields(DeepLabConfig) if f.name not in skip)
 
 
 def train_key(cfg: PipelineConfig, masks: str) -> dict[str, Any]:
@@ -151,18 +158,27 @@ def mask_fingerprint(layout: VOCLayout, ids: Sequence[str], mask_dir: str | Path
 # --------------------------------------------------------------------------------------------------
 
 
+def model_kwargs(d: DeepLabConfig) -> dict[str, Any]:
+    """:func:`~wsss_tune.models.deeplab.build_deeplab`'s arguments from the config (all but the class count
+    and the weights file): the one place the DeepLab section becomes a model."""
+    return {"arch": d.arch, "backbone": d.backbone, "msc": d.msc, "freeze_bn": d.freeze_bn,
+            "head_bn_momentum": d.head_bn_momentum,
+            # Passed only when set: backbones without the option (``tiny``) still build by default.
+            "backbone_kwargs": {"contract_dilation": True} if d.contract_dilation else None}
+
+
 def _build_model(d: DeepLabConfig, num_classes: int, *, pretrained: str) -> nn.Module:
-    return build_deeplab(arch=d.arch, backbone=d.backbone, num_classes=num_classes + 1, pretrained=pretrained,
-                         msc=d.msc, freeze_bn=d.freeze_bn)
+    return build_deeplab(num_classes=num_classes + 1, pretrained=pretrained, **model_kwargs(d))
 
 
 def build_deeplab_optimizer(model: nn.Module, d: DeepLabConfig) -> torch.optim.Optimizer:
     """The runner's optimiser: :func:`~wsss_tune.models.deeplab.deeplab_param_groups` (backbone 1x,
-    head weights ``head_lr_mult`` with weight decay, head biases ``head_bias_lr_mult`` without) under
-    SGD with ``momentum`` (reference 0.9) or Adam. Learning rates are set per step by the poly schedule.
+    head weights ``head_lr_mult`` with weight decay, head biases ``head_bias_lr_mult`` without, trainable
+    BatchNorm at ``bn_lr_mult``) under SGD with ``momentum`` (reference 0.9) or Adam. Learning rates are
+    set per step by the poly schedule.
     """
-    groups = deeplab_param_groups(model, lr=d.lr, head_lr_mult=d.head_lr_mult,
-                                  head_bias_lr_mult=d.head_bias_lr_mult, weight_decay=d.weight_decay)
+    groups = deeplab_param_groups(model, lr=d.lr, head_lr_mult=d.head_lr_mult, head_bias_lr_mult=d.head_bias_lr_mult,
+                                  bn_lr_mult=d.bn_lr_mult, weight_decay=d.weight_decay)
     return build_optimizer(groups, kind=d.optimizer, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay)
 
 
@@ -331,18 +347,24 @@ def eval_subset_ids(layout: VOCLayout, cfg: PipelineConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _seg_loss(outputs: Tensor | Sequence[Tensor], target: Tensor, *, balanced: bool) -> Tensor:
-    """:func:`~wsss_tune.ops.seg_loss.msc_loss`; on data-parallel ranks each output's mean over this
-    rank's valid pixels scaled to its share of the mean over the global batch's
+def _seg_loss(outputs: Tensor | Sequence[Tensor], target: Tensor, *, balanced: bool,
+              resize: Literal["labels", "logits"] = "labels") -> Tensor:
+    """:func:`~wsss_tune.ops.seg_loss.msc_loss` (``resize``: labels shrunk to each output, or the output
+    upsampled to the labels); on data-parallel ranks each output's mean over this rank's valid pixels
+    scaled to its share of the mean over the global batch's
     (:func:`~wsss_tune.stages.distributed.mean_shares`). With ``balanced`` the class weights stay
     per rank (they come from the batch's class counts), so that loss differs from one process."""
     if distributed.world_size() == 1:
-        return msc_loss(outputs, target, balanced=balanced)
+        return msc_loss(outputs, target, balanced=balanced, resize=resize)
     outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    shares = distributed.mean_shares([(resize_labels(target, (o.shape[-2], o.shape[-1])) != IGNORE_INDEX).sum()
-                                      for o in outputs])
+
+    def labels(o: Tensor) -> Tensor:
+        return target if resize == "logits" else resize_labels(target, (o.shape[-2], o.shape[-1]))
+
+    shares = distributed.mean_shares([(labels(o) != IGNORE_INDEX).sum() for o in outputs])
     assert shares is not None  # several ranks
-    return (torch.stack([seg_cross_entropy(o, target, balanced=balanced) for o in outputs]) * shares).sum()
+    return (torch.stack([seg_cross_entropy(o, target, balanced=balanced, resize=resize) for o in outputs])
+            * shares).sum()
 
 
 def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.device,
@@ -351,8 +373,8 @@ def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.devic
 
     A step is ``accumulate`` micro-batches (each loss divided by ``accumulate``, as deeplab-pytorch's
     ``ITER_SIZE``; each checked finite before its backward), then one optimiser update. The loss is
-    :func:`~wsss_tune.ops.seg_loss.msc_loss` (labels shrunk to each output, summed over the MSC
-    outputs; class-balanced with ``balanced_ce``). It returns ``deeplab/loss``, the step's loss.
+    :func:`~wsss_tune.ops.seg_loss.msc_loss` (labels shrunk to each output, or each output upsampled to
+    the crop with ``loss_resize: logits``, summed over the MSC outputs; class-balanced with ``balanced_ce``). It returns ``deeplab/loss``, the step's loss.
 
     Batches: ``accumulate`` of ``{"image": (B, 3, s, s), "mask": long (B, s, s)}``
     (:class:`~wsss_tune.data.SegmentationDataset`).
@@ -373,7 +395,7 @@ def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.devic
             target = batch["mask"].to(device, non_blocking=True)
             with autocast(device, d.amp):
                 outputs = forward(image)
-            loss = _seg_loss(outputs, target, balanced=d.balanced_ce) / d.accumulate
+            loss = _seg_loss(outputs, target, balanced=d.balanced_ce, resize=d.loss_resize) / d.accumulate
             loss_value = loss.item()
             check_finite("deeplab/loss", loss_value * d.accumulate, step=step)
             backward(loss, scaler)
@@ -382,6 +404,15 @@ def make_deeplab_step(d: DeepLabConfig, model: nn.Module, *, device: torch.devic
         return {"deeplab/loss": step_loss}
 
     return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run, micro_batches=d.accumulate)
+
+
+def train_transform(d: DeepLabConfig) -> TrainTransform:
+    """The training augmentation of the DeepLab section: random scale (from ``scales``, or uniform in
+    ``scale_range``), flip with p 0.5, optional HSV shift (``hsv_jitter``), crop ``crop_size`` padded
+    with 255 labels."""
+    return TrainTransform(crop_size=d.crop_size, scales=None if d.scale_range else d.scales,
+                          scale_range=tuple(d.scale_range) if d.scale_range else None, hflip=TRAIN_HFLIP,
+                          hsv=tuple(d.hsv_jitter) if any(d.hsv_jitter) else None)
 
 
 def train_deeplab(
@@ -423,7 +454,7 @@ def train_deeplab(
     if model_path.is_file() and (out_dir / SUMMARY_FILE).is_file():
         return model_path
 
-    transform = TrainTransform(crop_size=d.crop_size, scales=d.scales, hflip=TRAIN_HFLIP)
+    transform = train_transform(d)
     dataset = SegmentationDataset(layout, train_ids, transform=transform, mask_dir=mask_dir)
     ranks = distributed.resolve_ranks(cfg.run.ddp_ranks, device)
     if ranks > 1 and d.balanced_ce:

@@ -3,9 +3,11 @@
 DESIGN.md §2 "EPS training" and "CAMs to pseudo masks". One image's path through this module:
 
 1. :func:`train_eps` - ``ClassificationDataset`` on ``data.train_split`` (random long-side resize, flip,
-   colour jitter, crop) -> ``EPSNet`` -> ``L_cls + L_sal`` (``method: eps``) or ``L_cls`` alone
-   (``method: cam``, the plain CAM baseline) -> SGD/Adam with poly LR. Checkpoints every
-   ``checkpoint_every`` steps resume exactly; the final weights go to ``<train_dir>/model.pt``.
+   colour jitter, crop) -> ``EPSNet`` -> ``L_cls + L_sal`` (``method: eps``), ``L_cls`` alone
+   (``method: cam``, the plain CAM baseline) or, for ``method: eps_ppc``, the EPS loss averaged over
+   the crops and a downscaled second view plus the pixel-to-prototype contrast of the two views
+   (:mod:`wsss_tune.ops.contrast`) -> SGD/Adam with poly LR. Checkpoints every ``checkpoint_every``
+   steps resume exactly; the final weights go to ``<train_dir>/model.pt``.
 2. :func:`infer_eps` - multi-scale + flip CAMs of every image (softmax for EPS, ReLU for CAM), saved
    compactly as ``<out>/cams/<id>.npz`` and turned into pseudo masks ``<out>/masks/<id>.png`` (0..C).
 3. :func:`run_eps` - both, then :func:`~wsss_tune.stages.evaluate.score_masks` on ``data.mask_eval_split``.
@@ -17,12 +19,14 @@ a trained model when only inference settings change.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import shutil
+import typing
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wsss_tune.config import EPSConfig, PipelineConfig, to_dict
+from wsss_tune.config import EPSConfig, PipelineConfig, field_type, to_dict
 from wsss_tune.data import (
     ClassificationDataset,
     TrainTransform,
@@ -40,6 +44,7 @@ from wsss_tune.data import (
 )
 from wsss_tune.models.eps_net import EPSNet, build_eps_net
 from wsss_tune.ops.cam import cam_to_mask, multiscale_cam
+from wsss_tune.ops.contrast import ppc_loss, second_view
 from wsss_tune.ops.eps_loss import classification_loss, eps_loss
 from wsss_tune.ops.metric import ConfusionMatrix
 from wsss_tune.reporting import Reporter, check_finite
@@ -81,6 +86,7 @@ __all__ = [
     "train_key_fields",
     "train_key",
     "cam_normalization",
+    "build_model",
     "eval_subset_ids",
     "make_eps_step",
     "train_eps",
@@ -114,9 +120,13 @@ _CHECKPOINT_DIR = "checkpoints"
 
 
 def train_key_fields() -> tuple[str, ...]:
-    """EPSConfig fields that change the trained weights: all but :data:`INFER_FIELDS` and :data:`NEUTRAL_FIELDS`
-    (the stage graph's ``eps_model`` key fields)."""
-    return tuple(graph.spec("eps_model").own_fields(PipelineConfig()))
+    """EPSConfig fields that change the trained weights of some method: all but :data:`INFER_FIELDS` and
+    :data:`NEUTRAL_FIELDS` (the stage graph's ``eps_model`` key fields; each method's key leaves out the
+    fields it never reads, :data:`SALIENCY_FIELDS` for ``cam``, the ``ppc_*`` fields but for ``eps_ppc``)."""
+    spec = graph.spec("eps_model")
+    keyed = {name for method in typing.get_args(field_type("eps.method"))
+             for name in spec.own_fields(PipelineConfig(eps=EPSConfig(method=method)))}
+    return tuple(f.name for f in dataclasses.fields(EPSConfig) if f.name in keyed)
 
 
 def train_key(cfg: PipelineConfig) -> dict[str, Any]:
@@ -129,12 +139,20 @@ def train_key(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def cam_normalization(method: str) -> str:
-    """CAM activation for inference: softmax over the C+1 maps for EPS, ReLU for the plain CAM baseline."""
-    if method == "eps":
+    """CAM activation for inference: softmax over the C+1 maps for EPS (with or without pixel-to-prototype
+    contrast), ReLU for the plain CAM baseline."""
+    if method in ("eps", "eps_ppc"):
         return "softmax"
     if method == "cam":
         return "relu"
-    raise ValueError(f"eps.method: expected 'eps' or 'cam', got {method!r}")
+    raise ValueError(f"eps.method: expected 'eps', 'cam' or 'eps_ppc', got {method!r}")
+
+
+def build_model(e: EPSConfig, num_classes: int, *, pretrained: str = "") -> EPSNet:
+    """The EPS net of ``e``: with the projection head of ``ppc_proj_dim`` channels for ``method: eps_ppc``
+    (its weights are saved with the model, so inference builds it too), without one otherwise."""
+    return build_eps_net(backbone=e.backbone, num_classes=num_classes, pretrained=pretrained,
+                         proj_dim=e.ppc_proj_dim if e.method == "eps_ppc" else 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,46 +266,99 @@ class _LogWindow(LogWindow):
         self.overlap_count = state["overlap_count"].clone()
 
 
+@contextlib.contextmanager
+def _running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers that train still normalise with the batch's statistics inside the block, but
+    leave their running statistics alone (momentum 0). For the contrast's second view: the reference
+    backbone's BatchNorm is frozen, so its downscaled view never reaches the statistics that inference
+    uses; the ``tiny`` backbone trains BatchNorm, and its running statistics stay those of the crops."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
+
+
 def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device, forward: nn.Module | None = None) -> TrainStep:
     """One EPS training step on ``model`` (already on ``device``), with the optimiser of ``e``.
 
-    Optimiser groups follow the reference: backbone at ``lr``, the new head at ``lr * head_lr_mult``.
-    ``eps.momentum`` is passed explicitly: its default 5e-4 reproduces the reference, which hands its
-    weight decay to SGD's momentum slot by mistake (0.9 is the usual value). Adam ignores it.
+    Optimiser groups follow the reference: backbone at ``lr``, the new layers (class head, and the
+    projection head of ``eps_ppc``) at ``lr * head_lr_mult``. ``eps.momentum`` is passed explicitly: its
+    default 5e-4 reproduces the reference, which hands its weight decay to SGD's momentum slot by
+    mistake (0.9 is the usual value). Adam ignores it.
 
     The step: forward (autocast with ``amp``), ``L_cls + L_sal`` (``method: eps``) or ``L_cls`` alone
     (``cam``) in float32, the loss checked finite, backward and update. It returns ``eps/loss``,
     ``eps/loss_cls``, ``eps/loss_sal`` (EPS only), and the overlap ratios with the labels for the
     per-class means.
 
+    ``method: eps_ppc`` (the PPC reference's EPS variant, ``docs/ppc.md``): the batch and its saliency
+    maps are also seen as a second view (:func:`~wsss_tune.ops.contrast.second_view`, ``ppc_view_scale``;
+    BatchNorm running statistics are not updated by it, see :func:`_running_stats_kept`);
+    ``L_cls`` and ``L_sal`` are each the mean of the two views' and the contrast
+    (:func:`~wsss_tune.ops.contrast.ppc_loss` on the class maps and projected features of both views) is
+    added: ``L = L_cls + L_sal + L_ppc``. It also returns ``eps/loss_ppc`` (weighted) and its unweighted
+    parts ``eps/ppc_cross``, ``eps/ppc_cross_labels``, ``eps/ppc_intra``; the overlap ratios are the
+    first view's.
+
     Batches: ``{"image": (B, 3, s, s), "label": (B, C), "saliency": (B, 1, s, s)}`` (no saliency for
     ``cam``), as :class:`~wsss_tune.data.ClassificationDataset` makes them.
 
     ``forward``: the module the step calls, ``model``'s DistributedDataParallel wrapper on data-parallel
     ranks (default ``model``). There each rank's losses, means over its images, are scaled to its share
-    of the global batch's (:func:`~wsss_tune.stages.distributed.mean_shares`).
+    of the global batch's (:func:`~wsss_tune.stages.distributed.mean_shares`), the contrast included.
+    The contrast's prototypes and pixel sampling couple the images of a batch, so on N ranks they come
+    from each rank's share: close to one process, not equal to it.
     """
     _check_config(e)
     forward = model if forward is None else forward
     optimizer = build_optimizer(model.param_groups(e.lr, e.head_lr_mult, e.weight_decay), kind=e.optimizer,
                                 lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
     scaler = make_grad_scaler(device, e.amp)
-    use_saliency = e.method == "eps"
+    use_saliency = e.method in ("eps", "eps_ppc")
+    use_ppc = e.method == "eps_ppc"
+    if use_ppc and model.proj is None:
+        raise ValueError("eps.method is 'eps_ppc' but the model has no projection head (build it with "
+                         "wsss_tune.stages.eps.build_model)")
+    if use_ppc and distributed.world_size() > 1 and distributed.is_main():
+        warnings.warn(f"eps.method 'eps_ppc' on {distributed.world_size()} ranks: the contrast's prototypes and "
+                      "pixel sampling come from each rank's share of the batch, so the steps differ from one "
+                      "process", stacklevel=2)
+
+    def eps_terms(image_logits: Tensor, maps: Tensor, saliency: Tensor, labels: Tensor) -> Any:
+        return eps_loss(maps.float(), saliency, labels, image_logits=image_logits.float(), tau=e.tau, lam=e.lam)
 
     def run(batches: Sequence[Mapping[str, Tensor]], step: int) -> dict[str, Any]:
         (batch,) = batches
         image = to_device(batch["image"], device, e.channels_last)
         labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, e.amp):
-            image_logits, maps = forward(image)
-        sal = overlap = None
-        if use_saliency:
+        sal = overlap = ppc = None
+        if use_ppc:
             saliency = batch["saliency"].to(device, non_blocking=True)
-            out = eps_loss(maps.float(), saliency, labels, image_logits=image_logits.float(), tau=e.tau, lam=e.lam)
-            loss, cls, sal, overlap = out.loss, out.cls, out.sal, out.overlap
+            with autocast(device, e.amp):
+                image_logits, maps, feats = forward(image, project=True)
+                with _running_stats_kept(model):
+                    logits2, maps2, feats2 = forward(second_view(image, e.ppc_view_scale), project=True)
+            out = eps_terms(image_logits, maps, saliency, labels)
+            out2 = eps_terms(logits2, maps2, second_view(saliency, e.ppc_view_scale), labels)
+            ppc = ppc_loss(maps, feats, maps2, feats2, labels, weight=e.ppc_weight, temperature=e.ppc_temperature,
+                           confident_share=e.ppc_confident_share, bg_score=e.ppc_bg_score)
+            cls, sal, overlap = (out.cls + out2.cls) / 2, (out.sal + out2.sal) / 2, out.overlap
+            loss = cls + sal + ppc.loss
         else:
-            loss = cls = classification_loss(image_logits.float(), labels)
-        share = distributed.mean_shares([image.shape[0]])  # both losses are means over the images
+            with autocast(device, e.amp):
+                image_logits, maps = forward(image)
+            if use_saliency:
+                saliency = batch["saliency"].to(device, non_blocking=True)
+                out = eps_terms(image_logits, maps, saliency, labels)
+                loss, cls, sal, overlap = out.loss, out.cls, out.sal, out.overlap
+            else:
+                loss = cls = classification_loss(image_logits.float(), labels)
+        share = distributed.mean_shares([image.shape[0]])  # the losses are means over the images
         if share is not None:
             loss, cls, sal = loss * share[0], cls * share[0], None if sal is None else sal * share[0]
         loss_value = loss.item()
@@ -298,6 +369,11 @@ def make_eps_step(e: EPSConfig, model: EPSNet, *, device: torch.device, forward:
         values: dict[str, Any] = {"eps/loss": loss_value, "eps/loss_cls": cls.item()}
         if sal is not None:
             values["eps/loss_sal"] = sal.item()
+        if ppc is not None:
+            scale = 1.0 if share is None else float(share[0])
+            values.update({"eps/loss_ppc": ppc.loss.item() * scale, "eps/ppc_cross": ppc.cross.item() * scale,
+                           "eps/ppc_cross_labels": ppc.cross_labels.item() * scale,
+                           "eps/ppc_intra": ppc.intra.item() * scale})
         return {**values, "overlap": overlap, "labels": labels}
 
     return TrainStep(model=model, optimizer=optimizer, scaler=scaler, run=run)
@@ -315,8 +391,9 @@ def train_eps(
     Each step is :func:`make_eps_step` (optimiser groups, loss), driven by the shared
     :class:`~wsss_tune.stages.common.TrainingLoop` with poly decay every step.
 
-    Every ``log_every`` steps reports ``eps/loss``, ``eps/loss_cls``, ``eps/loss_sal``, ``eps/lr`` and
-    ``eps/overlap/<class>`` (mean over the window, images where the class is present); every
+    Every ``log_every`` steps reports ``eps/loss``, ``eps/loss_cls``, ``eps/loss_sal``, ``eps/lr``,
+    ``eps/overlap/<class>`` (mean over the window, images where the class is present) and, for
+    ``eps_ppc``, the contrast's ``eps/loss_ppc`` and parts (:func:`make_eps_step`); every
     ``eval_every`` steps ``eps_miou_tune`` on :func:`eval_subset_ids`. Checkpoints (model, optimizer,
     step, RNG, grad scaler, log window) go to ``out_dir/checkpoints`` every ``checkpoint_every`` steps and
     at the end; a restart resumes from the newest one and ends with the same weights as an
@@ -349,14 +426,14 @@ def _fit_eps(cfg: PipelineConfig, out_dir: Path, *, reporter: Reporter, device: 
     layout = VOCLayout.from_config(cfg.data)
     transform = TrainTransform(resize_long=e.resize_long, hflip=TRAIN_HFLIP, jitter=e.jitter, crop_size=e.crop_size)
     dataset = ClassificationDataset(layout, layout.split_ids(cfg.data.train_split), transform=transform,
-                                    with_saliency=e.method == "eps")
+                                    with_saliency=e.method != "cam")
     eval_ids = eval_subset_ids(layout, cfg) if e.eval_every > 0 else []
     if e.eval_every > 0 and e.eval_images > 0 and not eval_ids:
         warnings.warn(f"eps.eval_every = {e.eval_every} but the tuning half of data.mask_eval_split "
                       f"{cfg.data.mask_eval_split!r} is empty: no periodic eps_miou_tune", stacklevel=2)
 
     seed_everything(cfg.run.seed)
-    model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained=e.pretrained)
+    model = build_model(e, layout.num_classes, pretrained=e.pretrained)
     model = prepare_model(model, device, e.channels_last)
     step = make_eps_step(e, model, device=device, forward=distributed.wrap(model, device))
     loop = TrainingLoop(
@@ -452,7 +529,7 @@ def infer_eps(
                if not ((cam_dir / f"{i}.npz").is_file() and (mask_dir / f"{i}.png").is_file())]
     if pending:
         layout = VOCLayout.from_config(cfg.data)
-        model = build_eps_net(backbone=e.backbone, num_classes=layout.num_classes, pretrained="")
+        model = build_model(e, layout.num_classes)
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         model = prepare_model(model, device, e.channels_last).eval()
         for image_id in pending:

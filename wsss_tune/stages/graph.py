@@ -29,10 +29,15 @@ artifact           keyed by                                               conten
 ``eps``            CAM-inference fields, evaluation data                   ``cams/``, ``masks/``
 ``affinity``       affinity section, training data, seed                   ``model.pt``, ``aff/``
 ``rw``             rw section, evaluation data                             ``masks/`` (refined)
+``pseudo_crf``     ``deeplab.pseudo_crf*`` fields, training data, mask     ``masks/`` (CRF-refined)
+                   source (only with ``deeplab.pseudo_crf``)
 ``deeplab_model``  DeepLab training fields, training data, mask source,    ``model.pt``
                    seed
 ``deeplab``        DeepLab test-time fields, validation data              ``predictions/`` (optional)
 =================  =====================================================  ===========================
+
+DeepLab trains on the masks of ``deeplab.mask_source``, or with ``deeplab.pseudo_crf`` on their
+CRF-refined copy (``pseudo_crf``, an optional artifact: only a spec that reads it makes a run build it).
 
 With ``run.cam_baseline`` the runner also builds the EPS artifacts for ``eps.method: cam`` as
 ``cam_model`` / ``cam`` (their keys drop the saliency fields, so every trial of a sweep shares them).
@@ -60,7 +65,10 @@ __all__ = [
     "NO_KEY_FIELDS",
     "EPS_INFER_FIELDS",
     "SALIENCY_FIELDS",
+    "PPC_FIELDS",
     "DEEPLAB_INFER_FIELDS",
+    "PSEUDO_CRF_FIELDS",
+    "DEEPLAB_RECIPE_FIELDS",
     "graph",
     "spec",
     "extended",
@@ -86,8 +94,20 @@ NO_KEY_FIELDS = frozenset({"eval_every", "eval_images", "log_every", "checkpoint
 EPS_INFER_FIELDS: tuple[str, ...] = ("cam_scales", "cam_flip", "bg_threshold", "bg_mode")
 #: EPS fields of the saliency loss (a plain-CAM model ignores them).
 SALIENCY_FIELDS: tuple[str, ...] = ("tau", "lam")
+#: EPS fields of pixel-to-prototype contrast (only ``eps.method: eps_ppc`` reads them).
+PPC_FIELDS: tuple[str, ...] = ("ppc_weight", "ppc_temperature", "ppc_confident_share", "ppc_bg_score",
+                               "ppc_view_scale", "ppc_proj_dim")
 #: DeepLab's test-time fields (they never change the weights).
 DEEPLAB_INFER_FIELDS: tuple[str, ...] = ("test_scales", "test_flip", "crf", "save_predictions")
+#: DeepLab's fields of the CRF on its training masks: they key the ``pseudo_crf`` masks, and only them.
+PSEUDO_CRF_FIELDS: tuple[str, ...] = ("pseudo_crf", "pseudo_crf_iterations", "pseudo_crf_alpha", "pseudo_crf_pos_xy_std",
+                                      "pseudo_crf_pos_w", "pseudo_crf_bi_xy_std", "pseudo_crf_bi_rgb_std",
+                                      "pseudo_crf_bi_w", "pseudo_crf_label_prob")
+#: DeepLab training options added for the EPS recipe. At their defaults (deeplab-pytorch's behaviour)
+#: they leave the ``deeplab_model`` key as it was before they existed, so models already stored stay
+#: valid; ``head_bn_momentum`` keys only the ``v2_gp`` head, the one that has BatchNorm.
+DEEPLAB_RECIPE_FIELDS: tuple[str, ...] = ("scale_range", "hsv_jitter", "bn_lr_mult", "head_bn_momentum",
+                                          "contract_dilation", "loss_resize")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +161,8 @@ class ArtifactSpec:
         extra_key: ``cfg -> value`` keying it besides (DeepLab: which masks it trains on).
         trains: It trains (gets a stable work folder; ``fidelity`` says whether its steps are the
             fidelity of its stage's early stopping).
+        optional: Its stage alone does not build it; a run builds it only when an artifact it builds
+            reads it (``pseudo_crf``, read by DeepLab's training with ``deeplab.pseudo_crf``).
         metric: The metric it reports.
         report_as: Stage name in its reports (default ``name``); artifacts sharing one continue its steps.
         cost: ``(timings, cfg, sizes) -> (training s, other s, detail)`` of one build, for ``plan``
@@ -163,6 +185,7 @@ class ArtifactSpec:
     extra_key: Callable[[PipelineConfig], Any] | None = None
     trains: bool = False
     fidelity: bool = False
+    optional: bool = False
     metric: Metric | None = None
     report_as: str | None = None
     cost: Callable[[Any, PipelineConfig, Any], tuple[float, float, str]] | None = None
@@ -267,9 +290,15 @@ def _build_rw(ctx: BuildContext) -> dict[str, Any]:
 _MASK_SOURCES = {"refined": "rw", "eps": "eps"}
 
 
-def _mask_upstream(cfg: PipelineConfig) -> tuple[str, ...]:
+def _source_upstream(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The artifact holding the masks of ``deeplab.mask_source`` (none for the GT or a folder)."""
     src = _MASK_SOURCES.get(cfg.deeplab.mask_source)
     return (src,) if src else ()
+
+
+def _mask_upstream(cfg: PipelineConfig) -> tuple[str, ...]:
+    """What DeepLab's training reads: the CRF-refined masks with ``deeplab.pseudo_crf``, else the source's."""
+    return ("pseudo_crf",) if cfg.deeplab.pseudo_crf else _source_upstream(cfg)
 
 
 def _mask_key(cfg: PipelineConfig) -> Any:
@@ -284,8 +313,8 @@ def _mask_key(cfg: PipelineConfig) -> Any:
     return f"folder:{folder}:{config_hash(sorted(p.name for p in folder.iterdir()))}"
 
 
-def mask_dir(ctx: BuildContext) -> Path:
-    """The folder of masks DeepLab trains on (see :func:`_mask_key`)."""
+def _source_mask_dir(ctx: BuildContext) -> Path:
+    """The folder of the masks of ``deeplab.mask_source`` (see :func:`_mask_key`)."""
     src = ctx.cfg.deeplab.mask_source
     if src in _MASK_SOURCES:
         return ctx.inputs[_MASK_SOURCES[src]] / "masks"
@@ -293,6 +322,26 @@ def mask_dir(ctx: BuildContext) -> Path:
         return Path(ctx.layout.mask_path("x")).parent
     _mask_key(ctx.cfg)  # checks the folder exists
     return Path(src)
+
+
+def mask_dir(ctx: BuildContext) -> Path:
+    """The folder of masks DeepLab trains on: the CRF-refined masks with ``deeplab.pseudo_crf``, else
+    those of ``deeplab.mask_source``."""
+    if ctx.cfg.deeplab.pseudo_crf:
+        from wsss_tune.stages.pseudo_crf import MASK_DIR
+
+        return ctx.inputs["pseudo_crf"] / MASK_DIR
+    return _source_mask_dir(ctx)
+
+
+def _build_pseudo_crf(ctx: BuildContext) -> dict[str, Any]:
+    from wsss_tune.stages.pseudo_crf import refine_masks
+
+    cfg = ctx.cfg
+    cams = ctx.inputs["eps"] / "cams" if cfg.deeplab.mask_source == "eps" else None
+    refine_masks(cfg.deeplab, ctx.layout, ctx.layout.split_ids(cfg.data.train_split), mask_dir=_source_mask_dir(ctx),
+                 out_dir=ctx.out, cam_dir=cams)
+    return {}
 
 
 def _build_deeplab_model(ctx: BuildContext) -> dict[str, Any]:
@@ -371,9 +420,32 @@ def _cost_deeplab(t: Any, cfg: PipelineConfig, sizes: Any) -> Cost:
             f"{sizes.val} val images x {passes} passes x {t.deeplab_forward:.3g} s")
 
 
-def _cam_drops(cfg: PipelineConfig) -> tuple[str, ...]:
-    """A plain-CAM model has no saliency loss: tau and lam do not change it (the CAM baseline is shared)."""
-    return SALIENCY_FIELDS if cfg.eps.method == "cam" else ()
+def _eps_drops(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Fields the EPS model's method never reads: a plain-CAM model has no saliency loss (tau and lam do
+    not change it, so the CAM baseline is shared), and only ``eps_ppc`` reads the contrast fields (so
+    ``eps`` and ``cam`` models keep the keys they had before those fields existed)."""
+    method = cfg.eps.method
+    return (*(SALIENCY_FIELDS if method == "cam" else ()), *(PPC_FIELDS if method != "eps_ppc" else ()))
+
+
+def _at_default(section: Any, names: Sequence[str]) -> tuple[str, ...]:
+    """The fields of ``names`` whose value in ``section`` is the field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(section)}
+    return tuple(n for n in names if getattr(section, n) == defaults[n])
+
+
+def _deeplab_model_drops(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Fields that do not key DeepLab's weights themselves: the mask source (its masks do, upstream), the
+    CRF on the masks (it keys the ``pseudo_crf`` masks), and the recipe options at their defaults or
+    without effect (:data:`DEEPLAB_RECIPE_FIELDS`)."""
+    d = cfg.deeplab
+    unused = ("head_bn_momentum",) if d.arch != "v2_gp" else ()
+    return ("mask_source", *PSEUDO_CRF_FIELDS, *unused, *_at_default(d, DEEPLAB_RECIPE_FIELDS))
+
+
+def _pseudo_crf_drops(cfg: PipelineConfig) -> tuple[str, ...]:
+    """CAMs need the background exponent, masks without scores the label probability; not both."""
+    return ("pseudo_crf_label_prob",) if cfg.deeplab.mask_source == "eps" else ("pseudo_crf_alpha",)
 
 
 #: DataConfig fields every training artifact is keyed by (what training reads, besides the upstream).
@@ -384,7 +456,7 @@ _EVAL_DATA = ("root", "image_dir", "mask_dir", "label_source", "tune_split", "he
 
 #: The pipeline, in order.
 GRAPH: tuple[ArtifactSpec, ...] = (
-    ArtifactSpec(name="eps_model", stage="eps", section="eps", infer_fields=EPS_INFER_FIELDS, drop_fields=_cam_drops,
+    ArtifactSpec(name="eps_model", stage="eps", section="eps", infer_fields=EPS_INFER_FIELDS, drop_fields=_eps_drops,
                  data_fields=(*_TRAIN_DATA, "saliency_dir"), fingerprint=("train_split",),
                  fingerprint_masks=lambda cfg: cfg.data.label_source == "masks", seeded=True, trains=True,
                  fidelity=True, cost=_cost_eps_model, build=_build_eps_model),
@@ -397,8 +469,12 @@ GRAPH: tuple[ArtifactSpec, ...] = (
     ArtifactSpec(name="rw", stage="affinity", section="rw", upstream=("eps", "affinity"),
                  data_fields=(*_EVAL_DATA, "mask_eval_split"),
                  metric=Metric(prefix="rw", label="refined", split_field="mask_eval_split"), cost=_cost_rw, build=_build_rw),
+    ArtifactSpec(name="pseudo_crf", stage="deeplab", section="deeplab", dynamic_upstream=_source_upstream,
+                 train_fields=PSEUDO_CRF_FIELDS, drop_fields=_pseudo_crf_drops, data_fields=_TRAIN_DATA,
+                 fingerprint=("train_split",), fingerprint_masks=lambda cfg: cfg.deeplab.mask_source == "gt",
+                 extra_key=_mask_key, optional=True, build=_build_pseudo_crf),
     ArtifactSpec(name="deeplab_model", stage="deeplab", section="deeplab", dynamic_upstream=_mask_upstream,
-                 infer_fields=DEEPLAB_INFER_FIELDS, drop_fields=lambda cfg: ("mask_source",),
+                 infer_fields=DEEPLAB_INFER_FIELDS, drop_fields=_deeplab_model_drops,
                  data_fields=_TRAIN_DATA, fingerprint=("train_split",),
                  fingerprint_masks=lambda cfg: cfg.deeplab.mask_source == "gt", seeded=True, extra_key=_mask_key,
                  trains=True, fidelity=True, report_as="deeplab", cost=_cost_deeplab_model, build=_build_deeplab_model),
@@ -550,7 +626,7 @@ def needed_artifacts(cfg: PipelineConfig, stages: Sequence[str]) -> tuple[str, .
     """The artifacts a run of ``stages`` builds, in graph order: those of the stages and all they read."""
     by_name = {s.name: s for s in graph()}
     wanted: set[str] = set()
-    todo = [s.name for s in graph() if s.stage in stages]
+    todo = [s.name for s in graph() if s.stage in stages and not s.optional]
     while todo:
         name = todo.pop()
         if name not in wanted:
