@@ -28,7 +28,10 @@ RESEED = (3, 4)
 BUDGETS_QUICK = {"eps": 2, "affinity": 2, "deeplab": 2}
 
 
-def run(quick: bool) -> list[dict[str, Any]]:
+def run(quick: bool, *, budgets: dict[str, int] | None = None,
+        reseed: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The oracle's search and its re-runs; ``budgets`` (trials per stage) and ``reseed`` (top k, more
+    seeds) replace :data:`BUDGETS` / :data:`RESEED` for a larger run."""
     from wsss_tune.analysis.results import ReseedRecord
     from wsss_tune.analysis.tables import compute_line
     from wsss_tune.data import generate_synthetic_voc
@@ -37,14 +40,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from wsss_tune.trainables.planning import SMOKE_OVERRIDES
     from wsss_tune.trainables.sweep import run_sweep
 
-    budgets = BUDGETS_QUICK if quick else BUDGETS
+    budgets = budgets or (BUDGETS_QUICK if quick else BUDGETS)
+    top_k, seeds = reseed or RESEED
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = generate_synthetic_voc(root / "data", preset="tiny" if quick else "default", seed=0)
         t0 = time.perf_counter()
         result = run_sweep("synth_gap", data=data, storage=root / "exps", name="oracle", wandb="off", progress="off",
                            mode="cascade", stage_budgets={k: StageBudget(trials=v) for k, v in budgets.items()},
-                           reseed=ReseedRecord(top_k=RESEED[0], seeds=RESEED[1]), compare=("synth",),
+                           reseed=ReseedRecord(top_k=top_k, seeds=seeds), compare=("synth",),
                            overrides=SMOKE_OVERRIDES if quick else None)
         wall = time.perf_counter() - t0
         compute = compute_line(result)
